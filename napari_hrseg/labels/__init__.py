@@ -1,0 +1,13 @@
+"""Labels that are never lost: a slide's label store on disk, its edit journal, review status and napari glue.
+
+Headless (no Qt, no napari): `LabelStore` and friends.  The napari layers that paint into a store live in
+`napari_hrseg.labels.napari_bridge`, which imports napari only when used.
+"""
+
+from __future__ import annotations
+
+from .journal import Journal, JournalEntry
+from .review import Review
+from .store import SOURCES, Correction, EditGroup, EditRecord, LabelStore
+
+__all__ = ["LabelStore", "EditGroup", "EditRecord", "Correction", "Review", "Journal", "JournalEntry", "SOURCES"]
