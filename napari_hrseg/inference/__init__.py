@@ -1,0 +1,53 @@
+"""The inference engine: region pipelines (generators of progress events ending in a `Prediction`), tiling,
+devices, tissue detection, and whole-slide segmentation out of core, locally or on dask.distributed.
+
+Headless: imports no Qt and no napari.  Typical use::
+
+    from napari_hrseg.inference import InferenceOptions, InferenceRequest, run_request, run_to_completion
+    request = InferenceRequest(slide, region, model, InferenceOptions(method="sliding_window"))
+    prediction = run_to_completion(run_request(request))
+"""
+
+from .device import InferenceDevice, available_devices, resolve_device
+from .grid import MPP_TOLERANCE, PixelGrid
+from .pipelines import get_pipeline, list_pipelines, register_pipeline, run_request
+from .tissue import TissueMask, detect_tissue, tissue_mask_for
+from .types import (
+    CancelToken,
+    Finished,
+    InferenceOptions,
+    InferenceRequest,
+    Prediction,
+    ProgressEvent,
+    StageDone,
+    Started,
+    TileDone,
+    next_request_id,
+    run_to_completion,
+)
+
+__all__ = [
+    "CancelToken",
+    "Finished",
+    "InferenceDevice",
+    "InferenceOptions",
+    "InferenceRequest",
+    "MPP_TOLERANCE",
+    "PixelGrid",
+    "Prediction",
+    "ProgressEvent",
+    "StageDone",
+    "Started",
+    "TileDone",
+    "TissueMask",
+    "available_devices",
+    "detect_tissue",
+    "get_pipeline",
+    "list_pipelines",
+    "next_request_id",
+    "register_pipeline",
+    "resolve_device",
+    "run_request",
+    "run_to_completion",
+    "tissue_mask_for",
+]
