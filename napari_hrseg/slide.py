@@ -61,6 +61,11 @@ class Slide:
         Display name (file stem by default).
     closers : tuple of callables
         Called by :meth:`close` to release file handles.
+    region_readers : tuple
+        Optional, one per level (or ``None``): an object with ``read_region(row0, row1, col0, col1) -> ndarray``
+        giving exactly the pixels of the dask level, read without building a dask graph.  :meth:`read_level` uses
+        it when present, because a graph per small read costs more than decoding the tiles (see
+        ``benchmarks/bench_io.py``); levels computed by dask (coarsened levels, virtual slides) leave it ``None``.
     """
 
     levels: tuple[da.Array, ...]
@@ -74,6 +79,7 @@ class Slide:
     metadata: Mapping[str, Any] = field(default_factory=dict)
     name: str = ""
     closers: tuple[Callable[[], None], ...] = ()
+    region_readers: tuple[Any, ...] = ()
 
     def __post_init__(self):
         if not self.levels:
@@ -212,12 +218,19 @@ class Slide:
                     subject=self.name,
                     hint="choose a region that overlaps the slide",
                 )
-            return np.asarray(arr[inside.slices].compute(scheduler="threads"))
+            return self._read_inside(level, inside)
         out = np.full(level_region.shape + (arr.shape[2],), self.background_value if fill is None else fill, dtype=arr.dtype)
         if not inside.is_empty:
             dst = inside.relative_to(level_region)
-            out[dst.slices] = arr[inside.slices].compute(scheduler="threads")
+            out[dst.slices] = self._read_inside(level, inside)
         return out
+
+    def _read_inside(self, level: int, inside: Region) -> np.ndarray:
+        """Pixels of a region inside ``level``: the reader's direct path when it has one, else the dask level."""
+        reader = self.region_readers[level] if level < len(self.region_readers) else None
+        if reader is not None:
+            return np.asarray(reader.read_region(inside.row, inside.end_row, inside.col, inside.end_col))
+        return np.asarray(self.levels[level][inside.slices].compute(scheduler="threads"))
 
     def _check_level(self, level: int) -> int:
         if not 0 <= level < len(self.levels):
