@@ -208,6 +208,8 @@ def _ids_in_several_blocks(labels: Any, chunks: tuple[int, int], region: Region,
     seen: set[int] = set()
     several: set[int] = set()
     for _, block in _iter_blocks(labels, chunks, region):
+        if not block.any():
+            continue
         ids = np.unique(block)
         ids = ids[ids != 0]
         if wanted is not None:

@@ -41,7 +41,8 @@ from zarr.storage import LocalStore
 
 from ..errors import ExportError
 from ..geometry import Region
-from ._atomic import atomic_output, write_text_atomic
+from ._atomic import atomic_output
+from ._atomic import write_text_atomic as _write_text_atomic
 from .source import LabelSource, hex_to_rgb
 
 __all__ = ["export_ome_zarr", "NGFF_VERSIONS", "read_ome_attrs"]
@@ -73,9 +74,22 @@ def read_ome_attrs(group_dir: Path) -> tuple[str | None, dict[str, Any]]:
     return None, {}
 
 
-def _write_group_attrs(group_dir: Path, version: str, ome_attrs: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
-    """Write a group's metadata files directly (atomically), for either zarr format."""
+def _write_group_attrs(
+    group_dir: Path, version: str, ome_attrs: dict[str, Any], extra: dict[str, Any] | None = None, *, atomic: bool = False
+) -> None:
+    """Write a group's metadata files directly, for either zarr format.
+
+    ``atomic`` for a group that readers may be looking at (an existing image's ``labels``); inside a temporary
+    tree that is renamed into place as a whole, plain writes suffice.
+    """
     extra = extra or {}
+
+    def write_text_atomic(path: Path, text: str) -> None:
+        if atomic:
+            _write_text_atomic(path, text)
+        else:
+            path.write_text(text, encoding="utf-8")
+
     group_dir.mkdir(parents=True, exist_ok=True)
     if version == "0.5":
         path = group_dir / "zarr.json"
@@ -378,13 +392,13 @@ def export_ome_zarr(
         if target.exists() and not overwrite:
             raise ExportError("a label image of this name already exists", subject=target, hint="choose another --name")
         if not labels_dir.is_dir():
-            _write_group_attrs(labels_dir, version, {"labels": []})
+            _write_group_attrs(labels_dir, version, {"labels": []}, atomic=True)
         with atomic_output(target, directory=True, overwrite=overwrite) as tmp:
             write_label_group(tmp)
         # List the label image only once it is complete under its final name.
         _, labels_attrs = read_ome_attrs(labels_dir)
         listed = [n for n in labels_attrs.get("labels", []) if n != name] + [name]
-        _write_group_attrs(labels_dir, version, {"labels": listed})
+        _write_group_attrs(labels_dir, version, {"labels": listed}, atomic=True)
         log.info("wrote label image %s beside the image in %s (NGFF %s, %d levels)", name, root, version, n_levels)
         return target
 
