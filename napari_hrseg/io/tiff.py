@@ -144,8 +144,10 @@ class TiffLevelSource(ChunkSource):
             self.chunk_shape = (min(rows, height), width)
             self._decode = None
         else:
-            ky = 1 if self.seg_shape[0] >= 128 else max(1, round(_TARGET_CHUNK / self.seg_shape[0]))
-            kx = 1 if self.seg_shape[1] >= 128 else max(1, round(_TARGET_CHUNK / self.seg_shape[1]))
+            # Small segments (strips, NDPI restart intervals) are grouped to ~512 px; tiles >= 128 px are chunks.
+            small = min(self.seg_shape) < 128
+            ky = max(1, round(_TARGET_CHUNK / self.seg_shape[0])) if small and self.seg_shape[0] < _TARGET_CHUNK else 1
+            kx = max(1, round(_TARGET_CHUNK / self.seg_shape[1])) if small and self.seg_shape[1] < _TARGET_CHUNK else 1
             seg_bytes = self.seg_shape[0] * self.seg_shape[1] * self.raw_channels * self.raw_dtype.itemsize
             while ky > 1 and ky * kx * seg_bytes > _MAX_CHUNK_BYTES:
                 ky //= 2
