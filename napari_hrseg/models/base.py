@@ -27,7 +27,7 @@ from torch import nn
 
 from .config import IGNORE_INDEX, ModelConfig
 
-__all__ = ["HrsegModel", "Batch", "to_input_tensor"]
+__all__ = ["HrsegModel", "Batch", "to_input_tensor", "masked_cross_entropy", "ohem_cross_entropy"]
 
 
 @dataclass
@@ -137,3 +137,36 @@ def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weight: tor
     if weight is not None:
         valid = valid * weight
     return (per_pixel * valid).sum() / valid.sum().clamp_min(1.0)
+
+
+def ohem_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None = None, *,
+                       threshold: float = 0.7, min_kept: int = 100000) -> torch.Tensor:
+    """Online hard example mining cross-entropy (MagNet's and HRNet's ``OhemCrossEntropy``).
+
+    Keeps the labelled pixels whose probability for their true class is below ``max(threshold, p_k)``,
+    where ``p_k`` is the probability at 0-based position ``min(min_kept, n - 1)`` of the ``n`` labelled pixels'
+    probabilities sorted ascending, so about ``min_kept`` hard pixels contribute even when the model is
+    confident; the loss is their (weighted) mean cross-entropy, 0 when none is kept.
+
+    Parameters
+    ----------
+    logits : torch.Tensor
+        ``(N, C, H, W)``.
+    labels : torch.Tensor
+        ``(N, H, W)`` int64, `IGNORE_INDEX` where unknown.
+    weight : torch.Tensor, optional
+        ``(N, H, W)`` per-pixel weight.
+    """
+    per_pixel = nn.functional.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none")
+    valid = labels != IGNORE_INDEX
+    if not bool(valid.any()):
+        return per_pixel.sum() * 0.0
+    with torch.no_grad():
+        prob = torch.softmax(logits, dim=1).gather(1, labels.clamp_max(logits.shape[1] - 1).unsqueeze(1))[:, 0]
+        kept_probs = prob[valid]
+        k = min(int(min_kept), kept_probs.numel() - 1)
+        kth = kept_probs.kthvalue(k + 1).values
+        cut = torch.maximum(kth, torch.tensor(threshold, dtype=prob.dtype, device=prob.device))
+        hard = valid & (prob < cut)
+    w = hard.float() if weight is None else hard.float() * weight
+    return (per_pixel * w).sum() / w.sum().clamp_min(1.0)

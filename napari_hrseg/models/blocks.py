@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ConvBNReLU", "BasicBlock", "Bottleneck", "resize", "norm_layer"]
+__all__ = ["ConvBNReLU", "BasicBlock", "Bottleneck", "resize", "scaled_size", "norm_layer"]
 
 
 def norm_layer(channels: int, kind: str = "bn") -> nn.Module:
@@ -65,12 +65,12 @@ class Bottleneck(nn.Module):
         self.bn2 = norm_layer(planes, norm)
         self.conv3 = nn.Conv2d(planes, cout, 1, bias=False)
         self.bn3 = norm_layer(cout, norm)
-        for bn in (self.bn1, self.bn2, self.bn3):
-            if isinstance(bn, nn.BatchNorm2d):
-                bn.momentum = bn_momentum
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or cin != cout:
             self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), norm_layer(cout, norm))
+        for m in self.modules():  # the projection's norm too, so one momentum holds for the whole block
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = bn_momentum
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.relu(self.bn1(self.conv1(x)), inplace=True)
@@ -79,10 +79,21 @@ class Bottleneck(nn.Module):
         return F.relu(y + self.shortcut(x), inplace=True)
 
 
-def resize(x: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
-    """Resize to an explicit ``(H, W)`` (never a scale factor: odd sizes must round-trip exactly)."""
-    if tuple(x.shape[-2:]) == tuple(size):
+def resize(x: torch.Tensor, size: tuple[int, int], mode: str = "bilinear", antialias: bool = False) -> torch.Tensor:
+    """Resize to an explicit ``(H, W)`` (never a scale factor: odd sizes must round-trip exactly).
+
+    ``antialias=True`` low-pass filters when shrinking (bilinear only), so a resized image resembles a
+    pyramid level of the slide (area-averaged) rather than a sparse sample of it.
+    """
+    size = (int(size[0]), int(size[1]))
+    if tuple(x.shape[-2:]) == size:
         return x
     if mode == "nearest":
         return F.interpolate(x, size=size, mode="nearest")
-    return F.interpolate(x, size=size, mode=mode, align_corners=False)
+    shrinking = size[0] < x.shape[-2] or size[1] < x.shape[-1]
+    return F.interpolate(x, size=size, mode=mode, align_corners=False, antialias=antialias and shrinking and mode == "bilinear")
+
+
+def scaled_size(size: tuple[int, int], scale: float) -> tuple[int, int]:
+    """``(H, W)`` multiplied by ``scale`` and rounded, at least 1 pixel per axis."""
+    return max(1, int(round(size[0] * scale))), max(1, int(round(size[1] * scale)))
