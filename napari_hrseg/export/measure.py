@@ -7,10 +7,11 @@ pixels under it are read from the pyramid level that matches the labels (only bo
 tile cache), then unmixed into haematoxylin, eosin and DAB optical densities with Ruifrok & Johnston's stain
 vectors (`skimage.color.rgb2hed`).
 
-Shape descriptors come from `skimage.measure.regionprops` on the mask at the labels' own level: ``perimeter``
-is skimage's estimate (diagonal steps weighted by sqrt 2, not the staircase length), eccentricity of the ellipse
-with the same second moments, solidity = area / convex-hull area.  They are computed in the level's pixel grid,
-so for strongly anisotropic pixels (rare in pathology) eccentricity and solidity are approximations.
+Shape descriptors, on the mask at the labels' own level: ``perimeter`` is skimage's estimate
+(`skimage.measure.perimeter`, diagonal steps weighted by sqrt 2, not the staircase length), eccentricity that of
+the ellipse with the same second moments (as `skimage.measure.regionprops`), solidity = area / area of the convex
+hull of the exact outline (QuPath's definition).  They are computed in the level's pixel grid, so for strongly
+anisotropic pixels (rare in pathology) eccentricity and solidity are approximations.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 from skimage.color import rgb2hed
-from skimage.measure import regionprops
+from skimage.measure import perimeter
 from skimage.transform import resize
 
 from ..errors import ExportError
@@ -158,6 +159,33 @@ def _stain_reader(source: LabelSource, slide) -> Callable[[Region, np.ndarray], 
     return read
 
 
+def _shape_descriptors(mask: np.ndarray, outline) -> dict[str, Any]:
+    """Area, centroid, perimeter, eccentricity and solidity of one object, in its mask's pixels.
+
+    Eccentricity and centroid are skimage's definitions (second central moments of the pixels), computed directly
+    from the pixel coordinates; regionprops would cost ~5 ms an object, too slow for a slide's million nuclei.
+    Solidity is the object's area over the area of the convex hull of its exact outline (as QuPath measures it
+    on ROIs), rather than skimage's pixel count of a rasterised hull.
+    """
+    rows, cols = np.nonzero(mask)
+    area = float(rows.size)
+    cy, cx = rows.mean(), cols.mean()
+    # Central second moments (skimage's inertia tensor uses the same, with the 1/12 pixel term cancelling out).
+    dy_, dx_ = rows - cy, cols - cx
+    mu20, mu02, mu11 = (dy_ * dy_).mean(), (dx_ * dx_).mean(), (dy_ * dx_).mean()
+    common = np.sqrt(((mu20 - mu02) / 2) ** 2 + mu11**2)
+    l1, l2 = (mu20 + mu02) / 2 + common, (mu20 + mu02) / 2 - common
+    eccentricity = float(np.sqrt(1 - l2 / l1)) if l1 > 0 else 0.0
+    hull_area = float(outline.convex_hull.area)
+    return {
+        "area": area,
+        "centroid": (float(cy), float(cx)),
+        "perimeter": float(perimeter(mask, neighborhood=4)),
+        "eccentricity": eccentricity,
+        "solidity": area / hull_area if hull_area > 0 else 1.0,
+    }
+
+
 def measure_objects(
     source: LabelSource,
     slide=None,
@@ -196,12 +224,12 @@ def measure_objects(
         xmin, ymin, xmax, ymax = obj.geometry.bounds
         bbox = Region.from_bounds(ymin, xmin, ymax, xmax)
         mask = rasterize(obj.geometry, bbox)
-        props = regionprops(mask.astype(np.uint8))[0]
-        cy, cx = props.centroid  # pixel indices within the box; +0.5 moves to pixel centres in corner coordinates
+        shape_ = _shape_descriptors(mask, obj.geometry)
+        cy, cx = shape_["centroid"]  # pixel indices within the box; +0.5 moves to pixel centres (corner coordinates)
         cy0, cx0 = (bbox.row + cy + 0.5) * dy, (bbox.col + cx + 0.5) * dx
-        area_px = float(props.area) * dy * dx
+        area_px = shape_["area"] * dy * dx
         mean_ds = (dy + dx) / 2
-        perimeter_px = float(props.perimeter) * mean_ds
+        perimeter_px = shape_["perimeter"] * mean_ds
         h_mean = e_mean = None
         if stains is not None:
             h_mean, e_mean = stains(bbox, mask)
@@ -214,8 +242,8 @@ def measure_objects(
             area_um2=None if mpp is None else area_px * mpp[0] * mpp[1],
             perimeter_px=perimeter_px,
             perimeter_um=None if mpp is None else perimeter_px * (mpp[0] + mpp[1]) / 2,
-            eccentricity=float(props.eccentricity),
-            solidity=float(props.solidity),
+            eccentricity=shape_["eccentricity"],
+            solidity=shape_["solidity"],
             centroid_x_px=cx0,
             centroid_y_px=cy0,
             centroid_x_um=None if mpp is None else cx0 * mpp[1],
