@@ -301,7 +301,12 @@ class Slide:
         ]
         for i, (lev, (dy, dx)) in enumerate(zip(self.levels, self.downsamples)):
             chunks = "x".join(str(c[0]) for c in lev.chunks[:2])
-            lines.append(f"  {i}: {lev.shape[0]} x {lev.shape[1]} px  downsample {dy:.4f}, {dx:.4f}  chunks {chunks}")
+            grid = "x".join(str(len(c)) for c in lev.chunks[:2])
+            mpp = self.level_mpp(i)
+            size = f"  {mpp:.4g} µm/px" if mpp else ""
+            lines.append(
+                f"  {i}: {lev.shape[0]} x {lev.shape[1]} px  downsample {dy:.4f}, {dx:.4f}{size}  chunks {chunks} ({grid})"
+            )
         for note in self.conversions:
             lines.append(f"conversion:  {note}")
         return "\n".join(lines)
@@ -386,7 +391,8 @@ def open_slide(path: str | Path, *, mpp: float | None = None, **options: Any) ->
         if claimed:
             slide = reader.open(p, **options)
             if mpp is not None and slide.mpp_yx is None:
-                slide = slide.with_mpp(mpp)
+                note = f"pixel size {mpp:g} µm given by the caller (the file states none)"
+                slide = replace(slide.with_mpp(mpp), conversions=slide.conversions + (note,))
             return slide
     names = ", ".join(r.name for r in _READERS)
     raise UnsupportedFormatError(

@@ -19,7 +19,6 @@ chunk, raised from the dask task or the direct read alike.
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import os
@@ -38,8 +37,12 @@ __all__ = [
     "ChunkSource",
     "FileBytes",
     "as_dask",
+    "build_levels",
     "chunk_decode_count",
+    "count_decodes",
     "extend_pyramid",
+    "CoarsenedSource",
+    "box_mean",
     "extension_note",
     "decode_pool",
 ]
@@ -51,7 +54,8 @@ _DECODES_LOCK = threading.Lock()
 _decoded_total = 0
 
 
-def _count_decode(n: int = 1) -> None:
+def count_decodes(n: int = 1) -> None:
+    """Add ``n`` to the process-wide count of decoded chunks (sources that decode outside `read_chunk`)."""
     global _decoded_total
     with _DECODES_LOCK:
         _decoded_total += n
@@ -183,7 +187,7 @@ class ChunkSource(ABC):
                 subject=self.subject,
                 hint="the file is damaged or incompletely copied; copy or export the slide again",
             ) from exc
-        _count_decode()
+        count_decodes()
         return out
 
     def read_region(self, row0: int, row1: int, col0: int, col1: int) -> np.ndarray:
@@ -278,66 +282,107 @@ def file_token(path: Path, *parts: Any) -> str:
 
 
 # ---------------------------------------------------------------------- lazy pyramid extension
-def _mean2x2(block: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """2x2 box average of a block with even height and width, rounded back to ``dtype`` (kept for floats)."""
+def box_mean(block: np.ndarray, factor: int) -> np.ndarray:
+    """``factor`` x ``factor`` box average of a ``(h, w, C)`` block whose sides are multiples of ``factor``,
+    rounded back to the block's dtype (floats kept).  Sums rows, then columns, in contiguous passes (fast)."""
     h, w, c = block.shape
-    acc = block.reshape(h // 2, 2, w // 2, 2, c).astype(np.float32).mean(axis=(1, 3))
-    if np.issubdtype(dtype, np.integer):
-        info = np.iinfo(dtype)
+    acc_type = np.float64 if block.dtype.kind == "f" or block.dtype.itemsize > 2 else np.float32
+    rows = block.reshape(h // factor, factor, w, c).sum(axis=1, dtype=acc_type)
+    acc = rows[:, 0::factor]
+    for k in range(1, factor):
+        acc = acc + rows[:, k::factor]
+    acc /= factor * factor
+    if np.issubdtype(block.dtype, np.integer):
+        info = np.iinfo(block.dtype)
         acc = np.clip(np.rint(acc), info.min, info.max)
-    return acc.astype(dtype)
+    return acc.astype(block.dtype)
 
 
-def coarsen2(level: da.Array, min_chunk: int = 256) -> da.Array:
-    """Lazily halve a ``(Y, X, C)`` dask array by 2x2 averaging; an odd last row or column is dropped.
+class CoarsenedSource(ChunkSource):
+    """A level computed from a file level by a ``factor`` x ``factor`` box average, read on demand.
 
-    The result's shape is ``(Y // 2, X // 2, C)``; `Slide.downsamples` then holds the exact ratio (e.g. 4443 / 2221),
-    so level coordinates map back to level 0 exactly as for a scanner's own pyramid.  Chunks are merged so they
-    do not shrink below ``min_chunk`` pixels (tiny chunks make napari slow).
+    Its shape is ``(Y // factor, X // factor, C)`` (partial rows and columns dropped), so `Slide.downsamples`
+    holds the exact ratio (e.g. 4443 / 1110) and level coordinates map back to level 0 exactly as for a
+    scanner's own pyramid.  Every added level is computed straight from the file's coarsest level (not from the
+    level above), so a read decodes only the file tiles under it and no rounding accumulates.
+
+    Parameters
+    ----------
+    base : ChunkSource
+        The file level to average.
+    factor : int
+        Linear reduction, a power of two.
+    max_base_block : int
+        Upper bound (px) of the base block one output chunk reads, so chunks stay small at high factors.
     """
-    h, w = (level.shape[0] // 2) * 2, (level.shape[1] // 2) * 2
-    trimmed = level[:h, :w]
-    chunks_y = _even_chunks(trimmed.chunks[0], h, min_chunk * 2)
-    chunks_x = _even_chunks(trimmed.chunks[1], w, min_chunk * 2)
-    if chunks_y != trimmed.chunks[0] or chunks_x != trimmed.chunks[1]:
-        trimmed = trimmed.rechunk((chunks_y, chunks_x, trimmed.chunks[2]))
-    out_chunks = (tuple(c // 2 for c in chunks_y), tuple(c // 2 for c in chunks_x), trimmed.chunks[2])
-    fn = functools.partial(_mean2x2, dtype=level.dtype)
-    return trimmed.map_blocks(fn, dtype=level.dtype, chunks=out_chunks, meta=np.empty((0, 0, 0), level.dtype))
+
+    def __init__(self, base: ChunkSource, factor: int, level: int, max_base_block: int = 4096):
+        self.base = base
+        self.factor = factor
+        self.level = level
+        self.subject = base.subject
+        self.dtype = base.dtype
+        self.shape = (base.shape[0] // factor, base.shape[1] // factor, base.shape[2])
+        target = max(32, min(256, max_base_block // factor))
+
+        def out_chunk(base_chunk: int) -> int:
+            # a whole number of base chunks per output chunk, so output chunks never split a file tile
+            m = max(1, round(target * factor / base_chunk))
+            while (m * base_chunk) % factor:
+                m += 1
+            return m * base_chunk // factor
+
+        self.chunk_shape = (
+            max(1, min(out_chunk(base.chunk_shape[0]), self.shape[0])),
+            max(1, min(out_chunk(base.chunk_shape[1]), self.shape[1])),
+        )
+
+    def _decode_chunk(self, iy: int, ix: int) -> np.ndarray:
+        return self._average(*self.chunk_bounds(iy, ix))
+
+    def _average(self, row0: int, row1: int, col0: int, col1: int) -> np.ndarray:
+        f = self.factor
+        return box_mean(self.base.read_region(row0 * f, row1 * f, col0 * f, col1 * f), f)
+
+    def read_region(self, row0: int, row1: int, col0: int, col1: int) -> np.ndarray:
+        # Straight from the base region under it (decoded in parallel there): no chunk amplification.
+        if not (0 <= row0 <= row1 <= self.shape[0] and 0 <= col0 <= col1 <= self.shape[1]):
+            raise ValueError(f"region rows {row0}:{row1}, cols {col0}:{col1} outside level of shape {self.shape}")
+        return self._average(row0, row1, col0, col1)
 
 
-def _even_chunks(chunks: Sequence[int], total: int, minimum: int) -> tuple[int, ...]:
-    """Regular even chunk sizes, each a whole number of the input's chunks and at least ``minimum`` px.
-
-    Sources have regular chunks (all equal but the last), so an output chunk of ``k`` input chunks reads exactly
-    ``k`` of them; ``total`` is even, so the remainder is even too.
-    """
-    step = chunks[0]
-    k = 1
-    while (step * k) % 2 or step * k < minimum:
-        k += 1
-    size = min(step * k, total)
-    return _axis_chunks(total, size) if total else (0,)
-
-
-def extend_pyramid(levels: Sequence[da.Array], max_coarsest: int = 1024) -> tuple[list[da.Array], int]:
-    """Append lazily 2x2-averaged levels until the coarsest fits in ``max_coarsest`` px.
+def extend_pyramid(sources: Sequence[ChunkSource], max_coarsest: int = 1024) -> tuple[list[ChunkSource], int]:
+    """Append box-averaged levels (2x, 4x, ... of the file's coarsest) until one fits in ``max_coarsest`` px.
 
     napari shows the coarsest level first; a single-level 50,000-pixel TIFF would otherwise be read whole to draw
-    the overview.  Returns the new list of levels and how many were added.
+    the overview.  Nothing is computed here.  Returns the new list of sources and how many were added.
     """
-    out = list(levels)
-    added = 0
-    while max(out[-1].shape[:2]) > max_coarsest and min(out[-1].shape[:2]) >= 2:
-        out.append(coarsen2(out[-1]))
-        added += 1
-    return out, added
+    out = list(sources)
+    anchor = out[-1]
+    factor = 2
+    while max(out[-1].shape[:2]) > max_coarsest and min(anchor.shape[:2]) >= 2 * factor:
+        out.append(CoarsenedSource(anchor, factor, level=len(out)))
+        factor *= 2
+    return out, len(out) - len(sources)
+
+
+def build_levels(sources: Sequence[ChunkSource], prefix: str) -> tuple[list[da.Array], list[ChunkSource], str | None]:
+    """The file's level sources plus any added coarse levels, as dask arrays named ``{prefix}-{i}``.
+
+    Returns ``(levels, sources, note)``: the dask levels, the sources serving `Slide.read` for each level,
+    and the conversion note for the added levels (``None`` when none were added).
+    """
+    all_sources, added = extend_pyramid(sources)
+    levels = [as_dask(src, f"{prefix}-{i}") for i, src in enumerate(all_sources)]
+    note = extension_note(len(sources), len(all_sources)) if added else None
+    return levels, all_sources, note
 
 
 def extension_note(n_file: int, n_total: int) -> str:
     """The conversion note for levels added by `extend_pyramid`."""
     span = f"level {n_file}" if n_total - n_file == 1 else f"levels {n_file}-{n_total - 1}"
-    return f"{span} computed lazily by 2x2 averaging (the file has {n_file} level{'s' if n_file > 1 else ''})"
+    plural = "s" if n_file > 1 else ""
+    return f"{span} computed lazily by box averaging (the file has {n_file} level{plural})"
 
 
 def call_once(fn: Callable[[], Any]) -> Callable[[], Any]:

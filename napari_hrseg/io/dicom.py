@@ -26,17 +26,18 @@ Options
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from ..errors import CorruptSlideError, SlideError, UnsupportedFormatError
 from ..slide import Slide
-from ._source import ChunkSource, as_dask, extend_pyramid, extension_note, file_token
+from ._source import ChunkSource, build_levels, file_token
 
 __all__ = ["DicomReader", "DicomLevelSource", "jpeg_colorspace", "decode_jpeg_frame"]
 
@@ -44,6 +45,26 @@ log = logging.getLogger(__name__)
 
 _JPEG_SYNTAXES = {"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51"}  # baseline 8-bit, extended
 _INSTALL_HINT = "install the DICOM extra: pip install 'napari-hrseg[dicom]'"
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence pydicom's and wsidicom's warnings about non-conforming values while we read headers.
+
+    They are logged at INFO/WARNING for every over-long UID of a converter's output; the reader reports what
+    matters (a refusal) in one error instead, so the CLI's "one line" promise holds.
+    """
+    loggers = [logging.getLogger(name) for name in ("pydicom", "wsidicom")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def _import_wsidicom() -> Any:
@@ -243,13 +264,12 @@ class DicomReader:
             if src.shape[2] == kept[0].shape[2] and src.dtype == kept[0].dtype and src.shape[0] <= kept[-1].shape[0]:
                 kept.append(src)
         token = file_token(files[0], reopen_files, z, optical_path)
-        levels = [as_dask(s, f"hrseg-dicom-{token}-{i}") for i, s in enumerate(kept)]
-        levels, added = extend_pyramid(levels)
+        levels, readers, note = build_levels(kept, f"hrseg-dicom-{token}")
         conversions = []
         if any(s._syntax in _JPEG_SYNTAXES for s in kept):
             conversions.append("JPEG frames decoded in the colour space their own markers state (JFIF/Adobe)")
-        if added:
-            conversions.append(extension_note(len(kept), len(levels)))
+        if note:
+            conversions.append(note)
         meta, objective = _metadata(files[0])
         mpp = kept[0]._level.mpp
         mpp_yx = (float(mpp.height), float(mpp.width)) if mpp is not None and mpp.width > 0 else None
@@ -263,7 +283,7 @@ class DicomReader:
             conversions=tuple(conversions),
             metadata=meta,
             closers=(wsi.close,),
-            region_readers=tuple(kept) + (None,) * added,
+            region_readers=tuple(readers),
         )
 
 
@@ -279,8 +299,7 @@ def _series_files(path: Path) -> list[Path]:
     except ImportError as exc:
         raise UnsupportedFormatError("reading DICOM needs pydicom", subject=path, hint=_INSTALL_HINT) from exc
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with _quiet():
             series_uid = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"]).get(
                 "SeriesInstanceUID"
             )
@@ -299,8 +318,7 @@ def _series_files(path: Path) -> list[Path]:
 def _open_wsi(files: Sequence[Path], subject: Path) -> Any:
     wsidicom = _import_wsidicom()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with _quiet():
             wsi = wsidicom.WsiDicom.open([str(f) for f in files])
     except Exception as exc:  # noqa: BLE001 - wsidicom raises its own and pydicom's errors
         raise UnsupportedFormatError(
@@ -318,8 +336,7 @@ def _nonconforming_reason(file: Path, exc: BaseException) -> str:
     try:
         import pydicom
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with _quiet():
             ds = pydicom.dcmread(file, stop_before_pixels=True)
     except Exception:  # noqa: BLE001
         return f"not a readable DICOM whole-slide image ({type(exc).__name__}: {exc})"
@@ -362,8 +379,7 @@ _METADATA_KEYWORDS = (
 def _metadata(file: Path) -> tuple[dict[str, Any], float | None]:
     import pydicom
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with _quiet():
         ds = pydicom.dcmread(file, stop_before_pixels=True)
     meta: dict[str, Any] = {}
     for kw in _METADATA_KEYWORDS:

@@ -2,8 +2,8 @@
 
 Opening reads the header only (PNG chunk headers up to the image data; Pillow's lazy open for the others).  These
 formats have no random access, so the first read decodes the whole image once and keeps it (a thread-safe
-memo); level 0 is then served in 512-px chunks, and the coarser levels are 2x2 averages built lazily by dask
-(`extend_pyramid`) — never computed at open.
+memo); level 0 is then served in 512-px chunks, and coarser levels are box averages computed on demand
+(`extend_pyramid`), never at open.
 
 Conversions (see `_convert`): RGBA and grey+alpha are composited over white, palette images expanded to RGB,
 single-channel images become ``(Y, X, 1)``, 16-bit PNGs stay ``uint16``.  A PNG ``pHYs`` chunk in metres gives
@@ -22,7 +22,7 @@ import numpy as np
 from ..errors import CorruptSlideError, UnsupportedFormatError
 from ..slide import Slide
 from . import _convert
-from ._source import ChunkSource, as_dask, call_once, extend_pyramid, extension_note, file_token
+from ._source import ChunkSource, build_levels, call_once, file_token
 from ._tiff_meta import PLAUSIBLE_MPP
 
 __all__ = ["ImageReader", "WholeImageSource"]
@@ -122,9 +122,9 @@ class ImageReader:
             )
         source, kind, conversions, mpp = _plan(path)
         token = file_token(path)
-        levels, added = extend_pyramid([as_dask(source, f"hrseg-{kind}-{token}-0")])
-        if added:
-            conversions.append(extension_note(1, len(levels)))
+        levels, readers, note = build_levels([source], f"hrseg-{kind}-{token}")
+        if note:
+            conversions.append(note)
         return Slide(
             levels=tuple(levels),
             path=path,
@@ -132,7 +132,7 @@ class ImageReader:
             mpp_yx=mpp,
             conversions=tuple(conversions),
             metadata={"image.format": kind},
-            region_readers=(source,) + (None,) * added,
+            region_readers=tuple(readers),
         )
 
 

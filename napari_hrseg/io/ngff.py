@@ -33,7 +33,7 @@ import numpy as np
 from ..errors import CorruptSlideError, SlideError, UnsupportedFormatError
 from ..slide import Slide
 from ._convert import NOTES
-from ._source import ChunkSource, as_dask, extend_pyramid, extension_note, file_token
+from ._source import ChunkSource, build_levels, count_decodes, file_token
 from ._tiff_meta import to_um
 
 __all__ = ["ZarrReader", "StrictChunkStore", "ZarrLevelSource"]
@@ -168,7 +168,7 @@ class ZarrLevelSource(ChunkSource):
         if not (0 <= row0 <= row1 <= self.shape[0] and 0 <= col0 <= col1 <= self.shape[1]):
             raise ValueError(f"region rows {row0}:{row1}, cols {col0}:{col1} outside level of shape {self.shape}")
         try:
-            return self._select(row0, row1, col0, col1)
+            out = self._select(row0, row1, col0, col1)
         except SlideError:
             raise
         except Exception as exc:  # noqa: BLE001 - codec errors of any kind end as one clear message
@@ -178,6 +178,13 @@ class ZarrLevelSource(ChunkSource):
                 subject=self.subject,
                 hint="the store is damaged or incompletely copied; copy it again",
             ) from exc
+        ch, cw = self.chunk_shape
+        count_decodes(
+            ((row1 - 1) // ch - row0 // ch + 1) * ((col1 - 1) // cw - col0 // cw + 1)
+            if row1 > row0 and col1 > col0
+            else 0
+        )
+        return out
 
 
 # ---------------------------------------------------------------------- the reader
@@ -300,10 +307,9 @@ class ZarrReader:
             sorted(planes.items()),
             missing_chunks,
         )
-        levels = [as_dask(s, f"hrseg-zarr-{token}-{i}") for i, s in enumerate(sources)]
-        levels, added = extend_pyramid(levels)
-        if added:
-            conversions.append(extension_note(len(sources), len(levels)))
+        levels, readers, note = build_levels(sources, f"hrseg-zarr-{token}")
+        if note:
+            conversions.append(note)
         if channel_names and len(channel_names) != sources[0].shape[2]:
             channel_names = ()
         return Slide(
@@ -316,7 +322,7 @@ class ZarrReader:
             channel_names=channel_names,
             conversions=tuple(conversions),
             metadata=metadata,
-            region_readers=tuple(sources) + (None,) * added,
+            region_readers=tuple(readers),
         )
 
 

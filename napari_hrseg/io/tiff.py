@@ -19,7 +19,7 @@ Pyramid
 -------
 ``series.levels`` as tifffile finds them (SVS baseline + reduced levels, SubIFDs, reduced-resolution subfiles,
 NDPI and QPTIFF levels); label, macro, thumbnail, overview and map images are never levels.  When the coarsest
-level is still large (a single-level TIFF), 2x2-averaged levels are added lazily (`extend_pyramid`).
+level is still large (a single-level TIFF), box-averaged levels are added lazily (`extend_pyramid`).
 
 Options
 -------
@@ -44,7 +44,7 @@ import numpy as np
 from ..errors import CorruptSlideError, SlideError, UnsupportedFormatError
 from ..slide import Slide
 from . import _convert
-from ._source import ChunkSource, FileBytes, as_dask, extend_pyramid, extension_note, file_token
+from ._source import ChunkSource, FileBytes, build_levels, file_token
 from ._tiff_meta import TiffInfo, aperio_info, generic_info, ndpi_info, ome_info, qpi_info
 
 __all__ = ["TiffReader", "TiffLevelSource"]
@@ -273,11 +273,9 @@ class TiffReader:
             )
         sources, info, fmt, conversions = _build(path, series, dict(planes or {}))
         token = file_token(path, series, sorted((planes or {}).items()))
-        levels = [as_dask(src, f"hrseg-{fmt}-{token}-{i}") for i, src in enumerate(sources)]
-        readers: list[Any] = [src for src in sources]
-        levels, added = extend_pyramid(levels)
-        if added:
-            conversions.append(extension_note(len(sources), len(levels)))
+        levels, readers, note = build_levels(sources, f"hrseg-{fmt}-{token}")
+        if note:
+            conversions.append(note)
         file = sources[0].file
         metadata = dict(info.metadata)
         if info.notes:
@@ -293,7 +291,7 @@ class TiffReader:
             conversions=tuple(conversions),
             metadata=metadata,
             closers=(file.close,),
-            region_readers=tuple(readers) + (None,) * added,
+            region_readers=tuple(readers),
         )
 
 
