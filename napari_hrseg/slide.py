@@ -146,8 +146,12 @@ class Slide:
 
     @property
     def is_rgb(self) -> bool:
-        """True for 3-channel ``uint8`` brightfield images (what napari shows as RGB)."""
-        return self.n_channels == 3 and self.dtype == np.uint8
+        """True for 3-channel ``uint8`` brightfield images (what napari shows as RGB).
+
+        A 3-channel multiplex image with named channels (QPTIFF ``DAPI, FITC, Cy3``) is not RGB: its channels are
+        shown as separate layers.
+        """
+        return self.n_channels == 3 and self.dtype == np.uint8 and self.channel_names == ("R", "G", "B")
 
     @property
     def background_value(self) -> int | float:

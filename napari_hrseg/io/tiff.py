@@ -31,13 +31,14 @@ Options
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -308,16 +309,21 @@ def _build(
     """Parse the file's metadata and build one source per level; the TiffFile is closed on return."""
     import tifffile
 
-    try:
-        tif = tifffile.TiffFile(path)
-    except (tifffile.TiffFileError, ValueError, struct.error, EOFError, IndexError, KeyError, OverflowError) as exc:
-        raise _corrupt(path, "not a readable TIFF: its header or image directories are broken", exc) from exc
-    try:
+    with _quiet_tifffile():
+        try:
+            tif = tifffile.TiffFile(path)
+        except (tifffile.TiffFileError, ValueError, struct.error, EOFError, IndexError, KeyError, OverflowError) as exc:
+            _check_header_not_truncated(path)
+            raise _corrupt(path, "not a readable TIFF: its header or image directories are broken", exc) from exc
         try:
             all_series = tif.series
         except Exception as exc:  # noqa: BLE001 - tifffile raises many types on damaged IFD chains
+            tif.close()
+            _check_header_not_truncated(path)
             raise _corrupt(path, "the TIFF's image directories cannot be read", exc) from exc
+    try:
         if not all_series:
+            _check_header_not_truncated(path)
             raise UnsupportedFormatError("the TIFF holds no image", subject=path, hint="check that it is an image file")
         index = _choose_series(all_series, series_index, path)
         series = all_series[index]
@@ -371,6 +377,39 @@ def _build(
         return sources, info, fmt, conversions
     finally:
         tif.close()
+
+
+@contextlib.contextmanager
+def _quiet_tifffile() -> Iterator[None]:
+    """Keep tifffile's parser warnings (odd offsets, unknown tags) out of the user's console while opening: a
+    file we can read needs no warning, and one we cannot gets one clear error instead."""
+    logger = logging.getLogger("tifffile")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _check_header_not_truncated(path: Path) -> None:
+    """Raise the 'truncated' error when the header's first-directory offset points past the end of the file."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+    order = "<" if head[:2] == b"II" else ">"
+    if len(head) < 8:
+        offset = 8
+    elif head[2:4] in (b"+\x00", b"\x00+"):  # BigTIFF
+        offset = struct.unpack(order + "Q", head[8:16])[0] if len(head) >= 16 else 16
+    else:
+        offset = struct.unpack(order + "I", head[4:8])[0]
+    if offset >= size:
+        raise CorruptSlideError(
+            f"the file is truncated: its first image directory lies at byte {offset:,} but the file has {size:,} bytes",
+            subject=path,
+            hint="the copy or download was interrupted; copy the slide again",
+        )
 
 
 def _choose_series(all_series: Sequence[Any], requested: int | None, path: Path) -> int:
