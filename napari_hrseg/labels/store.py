@@ -27,15 +27,17 @@ Ordering and recovery (write-ahead logging)
    one ``write`` and ``fdatasync``.  Only now is the edit acknowledged (the call returns).  If the write fails
    (disk full), the journal is truncated back, the cache is restored and `LabelStoreError` is raised: the edit
    is not applied anywhere.
-3. *Write-back* (when many chunks are dirty, every ``checkpoint_interval`` seconds, on `flush` and `close`):
-   dirty chunks are written to ``labels/`` (zarr writes each chunk to a temporary file and renames it), then
-   fsynced, then ``checkpoint.json`` is atomically replaced with the last journal frame they include.
-4. *Open*: the journal is scanned (a torn last frame, i.e. an edit interrupted before its acknowledgement, is
+3. *Write-back* (once ``max_dirty_chunks`` chunks are dirty, and at every checkpoint): dirty chunks are written
+   to ``labels/`` (zarr writes each chunk to a temporary file and renames it), not yet fsynced.
+4. *Checkpoint* (every ``checkpoint_interval`` seconds after a commit, on `flush` and `close`): write back, fsync
+   every chunk file written since the last checkpoint (in parallel), then atomically replace
+   ``checkpoint.json`` with the last journal frame they include.
+5. *Open*: the journal is scanned (a torn last frame, i.e. an edit interrupted before its acknowledgement, is
    cut off and logged), and frames after the checkpoint are replayed: each entry writes its *new* values over
    its box.  Replaying a frame whose effect already reached ``labels/`` rewrites the same values, so replay is
-   idempotent and no order of crash (between 2 and 3, during 3, during a checkpoint write) loses an
-   acknowledged edit or needs a repair step by the user.  A chunk file that cannot be decoded is rebuilt from
-   the whole journal, which holds every change since the store was created.
+   idempotent and no crash (between 2 and 3, during 3 or during 4) loses an acknowledged edit or needs a
+   repair step by the user.  A chunk file that cannot be decoded is rebuilt from the whole journal, which
+   holds every change since the store was created.
 
 Undo and redo are journal frames too (``op`` undo/redo naming the group), so they survive a close and reopen:
 the undo stacks are rebuilt from the journal on open.  Undo reverts a group pixel by pixel only where the
@@ -1057,37 +1059,55 @@ class LabelStore:
         return f"LabelStore({str(self.path)!r}, {self.kind}, level {self.level} {h}x{w}, {len(self.class_names)} classes)"
 
     def _maybe_checkpoint(self) -> None:
-        if not self._cache.dirty:
-            return
-        due = time.monotonic() - self._last_checkpoint_time > self.checkpoint_interval
-        if len(self._cache.dirty) >= self.max_dirty_chunks or due:
+        """After a commit: bound memory (write back) and replay time (checkpoint) without blocking every dab."""
+        if self._cache.dirty and len(self._cache.dirty) >= self.max_dirty_chunks:
+            self._write_back(raise_errors=False)
+        if time.monotonic() - self._last_checkpoint_time > self.checkpoint_interval and (
+            self._cache.dirty or self._cache.unsynced or self._checkpoint_seq != self._journal.last_seq  # type: ignore[union-attr]
+        ):
             self._checkpoint(raise_errors=False)
 
-    def _checkpoint(self, *, raise_errors: bool) -> None:
-        """Write back dirty chunks, fsync them, then record the journal position they include."""
-        assert self._pending is None
-        seq, offset = self._journal.last_seq, self._journal.end  # type: ignore[union-attr]
+    def _write_back(self, *, raise_errors: bool) -> bool:
+        """Write dirty chunks to zarr (not fsynced: the journal still covers them).  False if that failed."""
+        assert self._pending is None  # uncommitted writes must never reach the label array before the journal
         try:
-            keys = self._cache.write_back()
-            self._cache.sync(keys)
+            self._cache.write_back()
+        except Exception as exc:
+            self._report_writeback_error(exc, raise_errors)
+            return False
+        return True
+
+    def _checkpoint(self, *, raise_errors: bool) -> None:
+        """Write back, fsync every chunk written since the last checkpoint, then record the journal position.
+
+        From then on, opening the store replays only the frames after that position.
+        """
+        seq, offset = self._journal.last_seq, self._journal.end  # type: ignore[union-attr]
+        if not self._write_back(raise_errors=raise_errors):
+            return
+        try:
+            self._cache.sync()
             if seq != self._checkpoint_seq:
                 _write_json_atomic(self.path / _CHECKPOINT, {"seq": seq, "offset": offset, "time": time.time()})
                 self._checkpoint_seq = seq
         except Exception as exc:
-            reason = describe_os_error(exc) if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
-            self._writeback_error = reason
-            log.warning("%s: labels could not be written back (%s); every edit is safe in the journal and "
-                        "will be applied when space is available", self.path, reason)
-            if raise_errors:
-                raise LabelStoreError(
-                    f"the label array could not be updated ({reason}); every acknowledged edit is kept in the "
-                    f"journal and will be applied when the store is next opened", subject=self.path,
-                    hint="free disk space, then flush or reopen the store",
-                ) from exc
-            self._last_checkpoint_time = time.monotonic()  # do not retry on every dab
+            self._report_writeback_error(exc, raise_errors)
             return
         self._writeback_error = None
         self._last_checkpoint_time = time.monotonic()
+
+    def _report_writeback_error(self, exc: Exception, raise_errors: bool) -> None:
+        reason = describe_os_error(exc) if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
+        self._writeback_error = reason
+        self._last_checkpoint_time = time.monotonic()  # do not retry on every dab
+        log.warning("%s: labels could not be written back (%s); every edit is safe in the journal and will be "
+                    "applied when space is available", self.path, reason)
+        if raise_errors:
+            raise LabelStoreError(
+                f"the label array could not be updated ({reason}); every acknowledged edit is kept in the journal "
+                f"and will be applied when the store is next opened", subject=self.path,
+                hint="free disk space, then flush or reopen the store",
+            ) from exc
 
     # ------------------------------------------------------------------ opening internals
     def _init_history(self) -> None:
