@@ -134,7 +134,7 @@ def test_long_stroke_is_committed_while_painting(make_napari_viewer, MouseEvent,
     layers.close()
 
 
-def test_moving_the_window_paints_the_right_place(make_napari_viewer, store):
+def test_moving_the_window_paints_the_right_place(make_napari_viewer, qtbot, store):
     from napari_hrseg.labels.napari_bridge import add_label_store_layers, visible_region
 
     viewer = make_napari_viewer()
@@ -151,6 +151,10 @@ def test_moving_the_window_paints_the_right_place(make_napari_viewer, store):
     assert region.contains(Region(999, 2999, 2, 2))
     layers.follow_view(margin=0)
     assert layers.window.contains(store.to_working(Region(1000, 3000, 1, 1)))
+    # Following the camera: pan elsewhere, and after the pause the window moves there.
+    layers.follow(delay_ms=20)
+    viewer.camera.center = (7000, 11000)
+    qtbot.waitUntil(lambda: layers.window.contains(store.to_working(Region(7000, 11000, 1, 1))), timeout=3000)
     layers.close()
 
 

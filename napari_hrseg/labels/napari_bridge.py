@@ -87,8 +87,7 @@ class StoreWindow:
     def __getitem__(self, key: Any) -> np.ndarray:
         bbox, local = self._bbox(key)
         if bbox.is_empty:
-            return np.zeros((0, 0), self.dtype)[local] if isinstance(local, tuple) and all(
-                isinstance(k, slice) for k in local) else np.zeros(0, self.dtype)
+            return np.zeros(bbox.shape, self.dtype)[local]
         return self.store.read(bbox.translate(self.box.row, self.box.col))[local]
 
     def __setitem__(self, key: Any, value: Any) -> None:
@@ -206,6 +205,7 @@ class LabelStoreLayers:
         self._timer.setSingleShot(True)
         self._timer.setInterval(int(commit_ms))
         self._timer.timeout.connect(self.commit)
+        self._follow_timer = None
 
     # ------------------------------------------------------------------ the window
     @property
@@ -223,8 +223,43 @@ class LabelStoreLayers:
         self.editor.translate = self._translate(box)
 
     def follow_view(self, margin: float = 0.5) -> None:
-        """Move the window to what the canvas shows (plus ``margin``), e.g. after panning; call from a debounce."""
+        """Move the window to what the canvas shows, grown by ``margin`` of its size on every side."""
         self.set_window(visible_region(self.viewer, margin))
+
+    def follow(self, enabled: bool = True, *, delay_ms: int = 300, margin: float = 0.5) -> None:
+        """Keep the window on the view: once panning/zooming has paused for ``delay_ms``, if the canvas shows
+        anything outside the window, move it there (never in the middle of a stroke)."""
+        from qtpy.QtCore import QTimer
+
+        camera = self.viewer.camera.events
+        if self._follow_timer is not None:
+            camera.center.disconnect(self._on_camera)
+            camera.zoom.disconnect(self._on_camera)
+            self._follow_timer.stop()
+            self._follow_timer = None
+        if not enabled:
+            return
+        timer = QTimer()
+        timer.setSingleShot(True)
+        timer.setInterval(int(delay_ms))
+        timer.timeout.connect(lambda: self._follow_now(margin))
+        self._follow_timer = timer
+        camera.center.connect(self._on_camera)
+        camera.zoom.connect(self._on_camera)
+
+    def _on_camera(self, event: Any = None) -> None:
+        if self._follow_timer is not None:
+            self._follow_timer.start()  # (re)start: act once the camera has paused
+
+    def _follow_now(self, margin: float) -> None:
+        if self._group is not None and not self._group.closed:
+            self._follow_timer.start()  # a stroke is open: try again later
+            return
+        slide = Region.from_shape(self.store.level0_shape)
+        shown = self.store.to_level0(self.window)
+        visible = visible_region(self.viewer).intersect(slide)
+        if not visible.is_empty and not shown.contains(visible):
+            self.follow_view(margin)
 
     def _window_box(self, region: Region) -> Region:
         box = self.store.to_working(region).clip(self.store.shape)
@@ -323,6 +358,7 @@ class LabelStoreLayers:
     def close(self) -> None:
         """Commit the current stroke and remove the layers from the viewer (the store stays open)."""
         self.end_stroke()
+        self.follow(False)
         self.editor.events.paint.disconnect(self._on_paint)
         for layer in (self.editor, self.overview):
             if layer is not None and layer in self.viewer.layers:
