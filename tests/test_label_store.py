@@ -277,16 +277,16 @@ def test_undo_is_per_source_and_keeps_later_overlapping_edits(store):
 
 
 # ---------------------------------------------------------------------- pyramid
-def _mode_reference(a: np.ndarray, f: int) -> np.ndarray:
+def _mode_reference(a: np.ndarray, f: int, n_classes: int = 8) -> np.ndarray:
+    """Block mode by brute force: pad to whole blocks, count every class per block (ties: lowest non-zero class)."""
     h, w = -(-a.shape[0] // f), -(-a.shape[1] // f)
-    out = np.zeros((h, w), a.dtype)
-    for i in range(h):
-        for j in range(w):
-            block = a[i * f : (i + 1) * f, j * f : (j + 1) * f].ravel()
-            counts = np.bincount(block, minlength=8)
-            best = counts[1:].max()
-            if best and best >= counts[0]:
-                out[i, j] = 1 + int(np.argmax(counts[1:]))
+    padded = np.full((h * f, w * f), -1, np.int16)  # padding counts for no class
+    padded[: a.shape[0], : a.shape[1]] = a
+    blocks = padded.reshape(h, f, w, f)
+    counts = np.stack([(blocks == c).sum(axis=(1, 3)) for c in range(n_classes)])
+    best = counts[1:].max(axis=0)
+    out = (1 + counts[1:].argmax(axis=0)).astype(a.dtype)
+    out[(best == 0) | (best < counts[0])] = 0
     return out
 
 

@@ -669,6 +669,11 @@ class LabelStore:
                 raise LabelStoreError(f"values of shape {values.shape} do not match the box {box.shape}",
                                       subject=self.path, hint="pass one label per pixel of the box")
             self._check_values(values)
+        classes = {int(k): int(v) for k, v in (instance_classes or {}).items()}
+        for obj, cls in classes.items():
+            if not 0 < cls < len(self.class_names):
+                raise LabelStoreError(f"object {obj} given class {cls}, outside 1..{len(self.class_names) - 1}",
+                                      subject=self.path, hint=f"classes: {', '.join(self.class_names)}")
         with self._lock:
             self._check_writable()
             if group.closed or group.store is not self:
@@ -695,12 +700,8 @@ class LabelStore:
                     chunk[in_chunk][sub] = label
                 else:
                     chunk[in_chunk] = values[in_box]  # type: ignore[index]
-            if instance_classes:
-                for obj, cls in instance_classes.items():
-                    if not 0 < int(cls) < len(self.class_names):
-                        raise LabelStoreError(f"object {obj} given class {cls}, outside 1..{len(self.class_names) - 1}",
-                                              subject=self.path, hint=f"classes: {', '.join(self.class_names)}")
-                    group._classes[int(obj)] = int(cls)
+            for obj, cls in classes.items():
+                group._classes[obj] = cls
 
     def _check_values(self, values: np.ndarray) -> None:
         if not np.issubdtype(values.dtype, np.integer) and values.dtype != bool:
@@ -837,9 +838,9 @@ class LabelStore:
             return _union([e.box for e in applied])
 
     def history(self, source: str | None = None) -> list[EditRecord]:
-        """Every edit group (oldest first), optionally of one source."""
+        """Every edit group that changed labels (oldest first), optionally of one source."""
         with self._lock:
-            return [r for r in self._groups.values() if source is None or r.source == source]
+            return [r for r in self._groups.values() if r.frames and (source is None or r.source == source)]
 
     def _put(self, box: Region, values: np.ndarray) -> None:
         """Write straight into the cache (journalled by the caller)."""
@@ -1127,10 +1128,11 @@ class LabelStore:
             if record is None:
                 record = self._groups[h.group] = EditRecord(h.group, h.source or "user", h.author,  # type: ignore[index]
                                                             h.model_version, h.time)
-                self._undo[record.source].append(record.group)
-                self._redo[record.source].clear()  # a new edit ends what could be redone
                 self._next_group = max(self._next_group, record.group + 1)
             if h.boxes:
+                if not record.frames:  # the group's first change of labels makes it an undo step
+                    self._undo[record.source].append(record.group)
+                    self._redo[record.source].clear()  # a new edit ends what could be redone
                 record.frames.append(h.seq)
             record.active_seq = h.seq
             for obj, cls in h.extra.get("classes", {}).items():
