@@ -40,8 +40,12 @@ PREAMBLE = textwrap.dedent(
 
 def _run(code: str, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-c", PREAMBLE + textwrap.dedent(code)], capture_output=True, text=True, cwd=REPO,
-        timeout=120, **kwargs,
+        [sys.executable, "-c", PREAMBLE + textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+        **kwargs,
     )
 
 
@@ -158,9 +162,13 @@ def test_full_disk_gives_a_clear_error_and_leaves_nothing(tmp_path):
         print(json.dumps(results))
         """
     )
-    cmd = f"mount -t tmpfs -o size=256k tmpfs {mount} && {sys.executable} -c \"$HRSEG_SCRIPT\""
+    cmd = f'mount -t tmpfs -o size=256k tmpfs {mount} && {sys.executable} -c "$HRSEG_SCRIPT"'
     result = subprocess.run(
-        ["unshare", "-rm", "sh", "-c", cmd], capture_output=True, text=True, cwd=REPO, timeout=120,
+        ["unshare", "-rm", "sh", "-c", cmd],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
         env={**os.environ, "HRSEG_SCRIPT": script},
     )
     if result.returncode != 0 and "mount" in result.stderr:

@@ -27,8 +27,22 @@ def nuclei(realdata):
 def test_label_png_to_csv_with_the_real_tile_as_slide(nuclei, tmp_path, capsys):
     labels_png, image_png = nuclei
     out = tmp_path / "nuclei.csv"
-    code = main(["export", str(labels_png), "--out", str(out), "--slide", str(image_png), "--mpp", "0.2526",
-                 "--classes", "background,nucleus", "--model-version", "manual"])
+    code = main(
+        [
+            "export",
+            str(labels_png),
+            "--out",
+            str(out),
+            "--slide",
+            str(image_png),
+            "--mpp",
+            "0.2526",
+            "--classes",
+            "background,nucleus",
+            "--model-version",
+            "manual",
+        ]
+    )
     assert code == 0
     assert f"wrote {out} (csv, instance labels" in capsys.readouterr().out  # 16-bit PNG: instance by default
     rows = list(csv.DictReader(out.open()))
@@ -44,8 +58,23 @@ def test_label_png_to_every_format_and_ome_tiff_keeps_the_classes(nuclei, tmp_pa
     labels_png, _ = nuclei
     labels = np.asarray(Image.open(labels_png))
     tif = tmp_path / "n.ome.tif"
-    assert main(["export", str(labels_png), "--out", str(tif), "--mpp", "0.25", "--classes", "background,nucleus",
-                 "--colors", "#000000,#3366ff"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                str(labels_png),
+                "--out",
+                str(tif),
+                "--mpp",
+                "0.25",
+                "--classes",
+                "background,nucleus",
+                "--colors",
+                "#000000,#3366ff",
+            ]
+        )
+        == 0
+    )
     assert read_label_tiff_metadata(tif)["class_colors"] == ["#000000", "#3366ff"]
     # An exported OME-TIFF is itself a source: classes, colours and pixel size come along.
     gj = tmp_path / "n.geojson"

@@ -27,7 +27,9 @@ def _nuclei(realdata, name):
 
 
 def _glands(realdata, name):
-    return (np.asarray(Image.open(realdata / "glas-test-subset" / "labels_binary" / f"{name}.png")) > 0).astype(np.uint8)
+    return (np.asarray(Image.open(realdata / "glas-test-subset" / "labels_binary" / f"{name}.png")) > 0).astype(
+        np.uint8
+    )
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -56,7 +58,11 @@ def _round_trip_instances(labels, source, path):
 def test_nuclei_round_trip_keeps_every_object(realdata, tmp_path, name):
     labels = _nuclei(realdata, name)
     source = LabelSource.from_array(
-        labels, kind="instance", mpp=0.25, class_names=["background", "nucleus"], model_version="nuclei-v3",
+        labels,
+        kind="instance",
+        mpp=0.25,
+        class_names=["background", "nucleus"],
+        model_version="nuclei-v3",
         slide_fingerprint="0123456789abcdef",
     )
     doc, ious = _round_trip_instances(labels, source, tmp_path / "nuclei.geojson")
@@ -109,7 +115,9 @@ def test_nuclei_round_trip_at_a_coarser_level(realdata, tmp_path):
 @pytest.mark.parametrize("name", GLANDS)
 def test_gland_regions_round_trip_as_annotations(realdata, tmp_path, name):
     labels = _glands(realdata, name)
-    source = LabelSource.from_array(labels, mpp=0.62, class_names=["background", "gland"], class_colors=["#000000", "#ff8800"])
+    source = LabelSource.from_array(
+        labels, mpp=0.62, class_names=["background", "gland"], class_colors=["#000000", "#ff8800"]
+    )
     path = export_geojson(source, tmp_path / "glands.geojson")
     doc = json.loads(path.read_text())
     assert {f["properties"]["objectType"] for f in doc["features"]} == {"annotation"}

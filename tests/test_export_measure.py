@@ -38,7 +38,10 @@ def _read_csv(path):
 def test_measurements_match_direct_computation_on_the_full_image(tile, tmp_path):
     rgb, labels, slide = tile
     source = LabelSource.from_array(
-        labels, kind="instance", class_names=["background", "nucleus"], model_version="nuclei-v3",
+        labels,
+        kind="instance",
+        class_names=["background", "nucleus"],
+        model_version="nuclei-v3",
         slide_fingerprint=slide.fingerprint(),
     )
     path = export_measurements_csv(source, tmp_path / "nuclei.csv", slide)
@@ -64,7 +67,12 @@ def test_measurements_match_direct_computation_on_the_full_image(tile, tmp_path)
         assert 0.85 * p.solidity < float(r["solidity"]) <= p.solidity  # skimage counts hull pixels instead
         assert float(r["centroid_y_px"]) == pytest.approx(p.centroid[0] + 0.5, abs=1e-3)
         assert float(r["centroid_x_um"]) == pytest.approx((p.centroid[1] + 0.5) * MPP, rel=1e-5)
-        assert (float(r["bbox_y0_px"]), float(r["bbox_x0_px"]), float(r["bbox_y1_px"]), float(r["bbox_x1_px"])) == p.bbox
+        assert (
+            float(r["bbox_y0_px"]),
+            float(r["bbox_x0_px"]),
+            float(r["bbox_y1_px"]),
+            float(r["bbox_x1_px"]),
+        ) == p.bbox
         assert float(r["mean_hematoxylin"]) == pytest.approx(hed[mask, 0].mean(), rel=1e-4)
         assert float(r["mean_eosin"]) == pytest.approx(hed[mask, 1].mean(), rel=1e-4, abs=1e-6)
     # Nuclei are haematoxylin-stained: they are bluer than the tissue around them.
@@ -100,7 +108,9 @@ def test_semantic_regions_and_no_slide(tmp_path):
     source = LabelSource.from_array(labels, class_names=["background", "tumor", "stroma"])
     rows = _read_csv(export_measurements_csv(source, tmp_path / "s.csv"))
     assert [(r["object_id"], r["class"], r["area_px"]) for r in rows] == [
-        ("1", "tumor", "200"), ("2", "tumor", "100"), ("3", "stroma", "150"),
+        ("1", "tumor", "200"),
+        ("2", "tumor", "100"),
+        ("3", "stroma", "150"),
     ]
     assert rows[0]["area_um2"] == "" and rows[0]["mean_hematoxylin"] == ""  # unknown pixel size, no slide
 

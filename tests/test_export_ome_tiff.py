@@ -15,8 +15,13 @@ from napari_hrseg.export import LabelSource, export_ome_tiff, read_label_tiff_me
 def test_pixels_pyramid_and_pixel_size_survive(realdata, tmp_path):
     labels = np.asarray(Image.open(realdata / "miccai2015-nuclei" / "image10_label.png")).astype(np.uint16)
     source = LabelSource.from_array(
-        labels, kind="instance", downsample=2, mpp=(0.2527, 0.2531), class_names=["background", "nucleus"],
-        model_version="nuclei-v3", slide_fingerprint="feedfacecafebeef",
+        labels,
+        kind="instance",
+        downsample=2,
+        mpp=(0.2527, 0.2531),
+        class_names=["background", "nucleus"],
+        model_version="nuclei-v3",
+        slide_fingerprint="feedfacecafebeef",
     )
     path = export_ome_tiff(source, tmp_path / "nuclei.ome.tif", tile=256)
     with tifffile.TiffFile(path) as tif:
@@ -47,7 +52,9 @@ def test_pixels_pyramid_and_pixel_size_survive(realdata, tmp_path):
 
 
 def test_big_zarr_labels_without_pixel_size(tmp_path):
-    src = zarr.create_array(str(tmp_path / "s.zarr"), shape=(3000, 2500), chunks=(1024, 1024), dtype="uint8", fill_value=0)
+    src = zarr.create_array(
+        str(tmp_path / "s.zarr"), shape=(3000, 2500), chunks=(1024, 1024), dtype="uint8", fill_value=0
+    )
     src[1000:2000, 700:1900] = 3
     source = LabelSource.from_array(src, class_names=["background", "a", "b", "c"])
     path = export_ome_tiff(source, tmp_path / "s.ome.tiff")

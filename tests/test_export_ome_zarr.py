@@ -22,7 +22,9 @@ COLORS = ["#000000", "#ff8800", "#2060c0"]
 
 @pytest.fixture(scope="module")
 def gland_labels(realdata):
-    labels = (np.asarray(Image.open(realdata / "glas-test-subset" / "labels_binary" / "testA_1.png")) > 0).astype(np.uint8)
+    labels = (np.asarray(Image.open(realdata / "glas-test-subset" / "labels_binary" / "testA_1.png")) > 0).astype(
+        np.uint8
+    )
     labels[200:260, 300:420] = 2  # a second class so colours and names are told apart
     return labels
 
@@ -35,7 +37,12 @@ def _label_nodes(url):
 @pytest.mark.parametrize("version", ["0.4", "0.5"])
 def test_new_container_reads_back_with_classes_colours_pixels_and_micrometres(gland_labels, tmp_path, version):
     source = LabelSource.from_array(
-        gland_labels, downsample=2, mpp=0.62, class_names=CLASSES, class_colors=COLORS, name="glands",
+        gland_labels,
+        downsample=2,
+        mpp=0.62,
+        class_names=CLASSES,
+        class_colors=COLORS,
+        name="glands",
         model_version="glands-v1",
     )
     out = tmp_path / "glands.ome.zarr"
@@ -44,7 +51,11 @@ def test_new_container_reads_back_with_classes_colours_pixels_and_micrometres(gl
 
     (node,) = _label_nodes(out / "labels")  # the labels group lists the label image; the reader follows it
     assert node.metadata["name"] == "glands"
-    assert node.metadata["color"] == {0: [0, 0, 0, 0], 1: [1.0, 136 / 255, 0.0, 1.0], 2: [32 / 255, 96 / 255, 192 / 255, 1.0]}
+    assert node.metadata["color"] == {
+        0: [0, 0, 0, 0],
+        1: [1.0, 136 / 255, 0.0, 1.0],
+        2: [32 / 255, 96 / 255, 192 / 255, 1.0],
+    }
     assert {k: v["class"] for k, v in node.metadata["properties"].items()} == {1: "gland", 2: "lumen"}
     assert node.metadata["axes"] == [
         {"name": "y", "type": "space", "unit": "micrometer"},
@@ -81,8 +92,12 @@ def test_labels_beside_a_real_ome_zarr_image_overlay_it(realdata, tmp_path, imag
     labels = np.zeros((742, 555), np.uint8)
     labels[100:300, 50:200] = 1
     source = LabelSource.from_array(
-        labels, downsample=(2967 / 742, 2220 / 555), slide_shape=(2967, 2220), mpp=0.499,
-        class_names=["background", "tumor"], name="tissue",
+        labels,
+        downsample=(2967 / 742, 2220 / 555),
+        slide_shape=(2967, 2220),
+        mpp=0.499,
+        class_names=["background", "tumor"],
+        name="tissue",
     )
     export_ome_zarr(source, root, chunks=(256, 256))
     export_ome_zarr(source, root, chunks=(256, 256), name="tissue-copy")
@@ -110,7 +125,9 @@ def test_instance_labels_list_each_object_with_its_class(tmp_path):
     labels[5:15, 5:15] = 7
     labels[30:40, 30:50] = 70000
     source = LabelSource.from_array(
-        labels, kind="instance", class_names=["background", "lymphocyte", "tumour cell"],
+        labels,
+        kind="instance",
+        class_names=["background", "lymphocyte", "tumour cell"],
         instance_classes={7: 1, 70000: 2},
     )
     out = tmp_path / "cells.zarr"
@@ -126,7 +143,9 @@ def test_instance_labels_list_each_object_with_its_class(tmp_path):
 
 
 def test_big_sparse_labels_are_written_chunk_by_chunk(tmp_path):
-    src = zarr.create_array(str(tmp_path / "src.zarr"), shape=(16384, 16384), chunks=(2048, 2048), dtype="uint8", fill_value=0)
+    src = zarr.create_array(
+        str(tmp_path / "src.zarr"), shape=(16384, 16384), chunks=(2048, 2048), dtype="uint8", fill_value=0
+    )
     src[3000:5000, 2000:2600] = 1
     src[15000:16384, 15000:16384] = 2
     source = LabelSource.from_array(src, mpp=0.5, downsample=4, class_names=CLASSES)

@@ -178,10 +178,20 @@ def test_coordinates_outside_the_slide_are_refused_or_clipped(tmp_path):
         (b"[1, 2, 3]", "item 0 of the features is not a GeoJSON Feature"),
         (b'{"type": "Topology", "objects": {}}', "expected a FeatureCollection"),
         (b'{"answer": 42}', "expected a FeatureCollection"),
-        (b'{"type": "FeatureCollection", "features": [{"type": "Feature", "geometry": '
-         b'{"type": "Polygon", "coordinates": [[["a", "b"]]]}, "properties": {}}]}', "malformed coordinates"),
-        (b'{"type": "FeatureCollection", "features": [{"type": "Feature", "geometry": '
-         b'{"type": "Polygon", "coordinates": [[[0, 0], [NaN, 1], [1, 1], [0, 0]]]}, "properties": {}}]}', "non-finite"),
+        (
+            (
+                b'{"type": "FeatureCollection", "features": [{"type": "Feature", "geometry": '
+                b'{"type": "Polygon", "coordinates": [[["a", "b"]]]}, "properties": {}}]}'
+            ),
+            "malformed coordinates",
+        ),
+        (
+            (
+                b'{"type": "FeatureCollection", "features": [{"type": "Feature", "geometry": '
+                b'{"type": "Polygon", "coordinates": [[[0, 0], [NaN, 1], [1, 1], [0, 0]]]}, "properties": {}}]}'
+            ),
+            "non-finite",
+        ),
     ],
 )
 def test_files_that_are_not_geojson_give_a_clear_error(tmp_path, content, expected):

@@ -22,7 +22,9 @@ CLASSES = ["background", "gland", "lumen"]
 
 @pytest.fixture(scope="module")
 def glands(realdata):
-    labels = (np.asarray(Image.open(realdata / "glas-test-subset" / "labels_binary" / "testA_3.png")) > 0).astype(np.uint8)
+    labels = (np.asarray(Image.open(realdata / "glas-test-subset" / "labels_binary" / "testA_3.png")) > 0).astype(
+        np.uint8
+    )
     labels[40:90, 60:160] = 2
     return labels
 
@@ -33,7 +35,10 @@ def _add(viewer, labels):
     cmap = DirectLabelColormap(color_dict={None: "transparent", 0: "transparent", 1: "#ff8800", 2: "#2060c0"})
     # napari-hrseg layers live in level-0 pixel units: labels made at downsample 2 have scale 2.
     return viewer.add_labels(
-        labels, name="glands", scale=(2, 2), colormap=cmap,
+        labels,
+        name="glands",
+        scale=(2, 2),
+        colormap=cmap,
         metadata={"class_names": CLASSES, "mpp_yx": (0.62, 0.62), "model_version": "glands-v1"},
     )
 
@@ -49,7 +54,9 @@ def test_labels_layer_saved_as_geojson_ome_tiff_and_ome_zarr(make_napari_viewer,
     doc = json.loads(gj.read_text())
     classes = {f["properties"]["classification"]["name"] for f in doc["features"]}
     assert classes == {"gland", "lumen"}
-    colors = {f["properties"]["classification"]["name"]: f["properties"]["classification"]["color"] for f in doc["features"]}
+    colors = {
+        f["properties"]["classification"]["name"]: f["properties"]["classification"]["color"] for f in doc["features"]
+    }
     assert colors == {"gland": [255, 136, 0], "lumen": [32, 96, 192]}
     assert doc["features"][0]["properties"]["model_version"] == "glands-v1"
     # Level-0 coordinates: the layer's scale is the downsample.
@@ -81,8 +88,9 @@ def test_a_label_store_layer_saves_the_whole_store(make_napari_viewer, tmp_path)
 
     level0 = da.zeros((4096, 6144, 3), dtype=np.uint8, chunks=1024)
     slide = Slide(levels=(level0, level0[::2, ::2]), mpp_yx=(0.25, 0.25), name="writer-test")
-    store = LabelStore.create(tmp_path / "w.hrseg-labels", slide, level=1, class_names=["bg", "tumour", "stroma"],
-                              chunk_size=256)
+    store = LabelStore.create(
+        tmp_path / "w.hrseg-labels", slide, level=1, class_names=["bg", "tumour", "stroma"], chunk_size=256
+    )
     try:
         store.write(Region(10, 10, 40, 60), np.ones((40, 60), np.uint8))
         store.write(Region(1800, 2900, 100, 100), np.full((100, 100), 2, np.uint8))  # far outside the window

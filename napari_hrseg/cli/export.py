@@ -47,24 +47,46 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("source", type=Path, help="label store directory, label image (TIFF, PNG, .npy) or zarr array")
     parser.add_argument("--out", "-o", type=Path, required=True, help="output file or .ome.zarr directory")
     parser.add_argument("--format", choices=_FORMATS, default=None, help="default: from --out's ending")
-    parser.add_argument("--slide", type=Path, default=None, help="the slide the labels belong to (checked, and used "
-                        "for the pixel size, level-0 size and stain intensities)")
+    parser.add_argument(
+        "--slide",
+        type=Path,
+        default=None,
+        help="the slide the labels belong to (checked, and used "
+        "for the pixel size, level-0 size and stain intensities)",
+    )
     parser.add_argument("--name", default=None, help="label image name inside an OME-Zarr (default: the labels' name)")
-    parser.add_argument("--level", type=int, default=0,
-                        help="label store only: 0 for the working level, k for 2**k times coarser")
-    parser.add_argument("--kind", choices=("semantic", "instance"), default=None,
-                        help="label image files: class indices or object ids (default: instance for 16/32-bit "
-                        "images, semantic for 8-bit)")
+    parser.add_argument(
+        "--level", type=int, default=0, help="label store only: 0 for the working level, k for 2**k times coarser"
+    )
+    parser.add_argument(
+        "--kind",
+        choices=("semantic", "instance"),
+        default=None,
+        help="label image files: class indices or object ids (default: instance for 16/32-bit "
+        "images, semantic for 8-bit)",
+    )
     parser.add_argument("--classes", default=None, help="comma-separated class names, background first")
     parser.add_argument("--colors", default=None, help="comma-separated #rrggbb colours, one per class")
     parser.add_argument("--mpp", type=float, default=None, help="level-0 pixel size in µm when nothing states it")
-    parser.add_argument("--downsample", type=float, default=None,
-                        help="label image files: downsample of the labels' level (default: from --slide, else 1)")
+    parser.add_argument(
+        "--downsample",
+        type=float,
+        default=None,
+        help="label image files: downsample of the labels' level (default: from --slide, else 1)",
+    )
     parser.add_argument("--model-version", default=None, help="record this model version in the export")
-    parser.add_argument("--ngff-version", choices=("0.4", "0.5"), default=None,
-                        help="OME-Zarr: NGFF version of a new container (default 0.4)")
-    parser.add_argument("--object-type", choices=("auto", "annotation", "detection"), default="auto",
-                        help="GeoJSON: QuPath object type (default: detections for instances, annotations otherwise)")
+    parser.add_argument(
+        "--ngff-version",
+        choices=("0.4", "0.5"),
+        default=None,
+        help="OME-Zarr: NGFF version of a new container (default 0.4)",
+    )
+    parser.add_argument(
+        "--object-type",
+        choices=("auto", "annotation", "detection"),
+        default="auto",
+        help="GeoJSON: QuPath object type (default: detections for instances, annotations otherwise)",
+    )
     parser.add_argument("--no-overwrite", action="store_true", help="refuse to replace an existing OUT")
     parser.set_defaults(run=run)
     return parser
@@ -98,8 +120,11 @@ def _read_label_image(path: Path) -> tuple[Any, dict[str, Any]]:
 
             _, attrs = read_ome_attrs(path)
             if not attrs.get("multiscales"):
-                raise ExportError("a zarr group that is neither a label store nor an OME-Zarr label image",
-                                  subject=path, hint="pass the label array itself")
+                raise ExportError(
+                    "a zarr group that is neither a label store nor an OME-Zarr label image",
+                    subject=path,
+                    hint="pass the label array itself",
+                )
             node = zarr.open_array(str(path / attrs["multiscales"][0]["datasets"][0]["path"]), mode="r")
             if "image-label" in attrs:
                 props = attrs["image-label"].get("properties") or []
@@ -141,21 +166,24 @@ def _read_label_image(path: Path) -> tuple[Any, dict[str, Any]]:
             with Image.open(path) as img:
                 if img.mode not in ("L", "P", "I", "I;16", "I;16B", "1"):
                     raise ExportError(
-                        f"is a {img.mode} colour image, not a label image (one integer per pixel)", subject=path,
+                        f"is a {img.mode} colour image, not a label image (one integer per pixel)",
+                        subject=path,
                         hint="save labels as a single-channel PNG or TIFF",
                     )
                 return np.asarray(img), hints
         except OSError as exc:
             raise ExportError(f"cannot be read as an image ({exc})", subject=path) from exc
-    raise ExportError("not a label image napari-hrseg can read", subject=path,
-                      hint="give a label store, a TIFF, PNG or .npy label image, or a zarr array")
+    raise ExportError(
+        "not a label image napari-hrseg can read",
+        subject=path,
+        hint="give a label store, a TIFF, PNG or .npy label image, or a zarr array",
+    )
 
 
 @contextlib.contextmanager
 def load_label_source(args: argparse.Namespace, slide: Any = None) -> Iterator[Any]:
     """The `LabelSource` the command exports, from the source path and options (kept valid inside the block:
     a label store stays open, read-only, while its labels are exported)."""
-    from ..export.source import LabelSource
 
     src: Path = args.source
     if not src.exists():
@@ -212,8 +240,14 @@ def _file_source(src: Path, args: argparse.Namespace, slide: Any, classes, color
         if args.downsample is None:
             downsample = (slide_shape[0] / labels.shape[0], slide_shape[1] / labels.shape[1])
             if max(downsample) > 1.01:
-                log.info("labels are %dx%d, the slide %dx%d: exporting at downsample %.4g", labels.shape[1],
-                         labels.shape[0], slide_shape[1], slide_shape[0], downsample[0])
+                log.info(
+                    "labels are %dx%d, the slide %dx%d: exporting at downsample %.4g",
+                    labels.shape[1],
+                    labels.shape[0],
+                    slide_shape[1],
+                    slide_shape[0],
+                    downsample[0],
+                )
     mpp = args.mpp or hints.get("mpp") or (slide.mpp_yx if slide is not None else None)
     if classes is None and hints.get("class_names"):
         classes, colors = hints["class_names"], colors or hints.get("class_colors")
@@ -257,16 +291,22 @@ def run(args: argparse.Namespace) -> int:
             overwrite = not args.no_overwrite
             try:
                 if fmt == "ome-zarr":
-                    written = export_ome_zarr(source, args.out, name=args.name, version=args.ngff_version,
-                                              progress=progress, overwrite=overwrite)
+                    written = export_ome_zarr(
+                        source,
+                        args.out,
+                        name=args.name,
+                        version=args.ngff_version,
+                        progress=progress,
+                        overwrite=overwrite,
+                    )
                 elif fmt == "ome-tiff":
                     written = export_ome_tiff(source, args.out, progress=progress, overwrite=overwrite)
                 elif fmt == "geojson":
-                    written = export_geojson(source, args.out, object_type=args.object_type, progress=progress,
-                                             overwrite=overwrite)
+                    written = export_geojson(
+                        source, args.out, object_type=args.object_type, progress=progress, overwrite=overwrite
+                    )
                 else:
-                    written = export_measurements_csv(source, args.out, slide, progress=progress,
-                                                      overwrite=overwrite)
+                    written = export_measurements_csv(source, args.out, slide, progress=progress, overwrite=overwrite)
             finally:
                 close()
     except HrsegError:
@@ -276,8 +316,10 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if slide is not None:
             slide.close()
-    print(f"wrote {written} ({fmt}, {source.kind} labels {source.shape[1]}x{source.shape[0]} px at downsample "
-          f"{source.downsample[0]:.4g})")
+    print(
+        f"wrote {written} ({fmt}, {source.kind} labels {source.shape[1]}x{source.shape[0]} px at downsample "
+        f"{source.downsample[0]:.4g})"
+    )
     sys.stdout.flush()
     return 0
 

@@ -48,7 +48,7 @@ from ..errors import ImportAnnotationsError
 from ..geometry import Region
 from ._atomic import atomic_output
 from ._polygons import TracedObject, rasterize, trace_labels
-from .source import LabelSource, hex_to_rgb
+from .source import LabelSource
 
 __all__ = [
     "export_geojson",

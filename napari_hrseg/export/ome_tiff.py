@@ -65,9 +65,7 @@ def _ome_metadata(source: LabelSource) -> dict[str, Any]:
     meta: dict[str, Any] = {"axes": "YX", "Name": source.name}
     mpp = source.level_mpp_yx
     if mpp is not None:
-        meta.update(
-            PhysicalSizeY=mpp[0], PhysicalSizeYUnit="µm", PhysicalSizeX=mpp[1], PhysicalSizeXUnit="µm"
-        )
+        meta.update(PhysicalSizeY=mpp[0], PhysicalSizeYUnit="µm", PhysicalSizeX=mpp[1], PhysicalSizeXUnit="µm")
     annotation = {"Namespace": _MAP_NAMESPACE, "kind": source.kind}
     for i, (name, color) in enumerate(zip(source.class_names, source.class_colors)):
         annotation[f"class {i}"] = f"{name} {color}"

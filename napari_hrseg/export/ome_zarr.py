@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 NgffVersion = Literal["0.4", "0.5"]
 NGFF_VERSIONS = ("0.4", "0.5")
 
+
 # ---------------------------------------------------------------------- metadata on disk
 def read_ome_attrs(group_dir: Path) -> tuple[str | None, dict[str, Any]]:
     """The NGFF attributes of a zarr group directory and its NGFF version (``None`` if not a zarr group).
@@ -75,7 +76,12 @@ def read_ome_attrs(group_dir: Path) -> tuple[str | None, dict[str, Any]]:
 
 
 def _write_group_attrs(
-    group_dir: Path, version: str, ome_attrs: dict[str, Any], extra: dict[str, Any] | None = None, *, atomic: bool = False
+    group_dir: Path,
+    version: str,
+    ome_attrs: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+    *,
+    atomic: bool = False,
 ) -> None:
     """Write a group's metadata files directly, for either zarr format.
 
@@ -93,7 +99,9 @@ def _write_group_attrs(
     group_dir.mkdir(parents=True, exist_ok=True)
     if version == "0.5":
         path = group_dir / "zarr.json"
-        meta = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"zarr_format": 3, "node_type": "group"}
+        meta = (
+            json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"zarr_format": 3, "node_type": "group"}
+        )
         attrs = dict(meta.get("attributes") or {})
         attrs["ome"] = {"version": "0.5", **{k: v for k, v in ome_attrs.items() if k != "version"}}
         attrs.update(extra)
@@ -134,7 +142,11 @@ class _ImageInfo:
         self.scale = dict(zip(names, scale))
         self.translation = dict(zip(names, translation))
         for name in names:
-            if name not in ("y", "x") and self.axes[names.index(name)].get("type") != "channel" and self.shape[name] > 1:
+            if (
+                name not in ("y", "x")
+                and self.axes[names.index(name)].get("type") != "channel"
+                and self.shape[name] > 1
+            ):
                 raise ExportError(
                     f"the image has {self.shape[name]} planes along {name!r}; slide labels are 2-D",
                     subject=root,
@@ -152,8 +164,15 @@ def _compressor(version: str):
     return numcodecs.Blosc(cname="zstd", clevel=5, shuffle=numcodecs.Blosc.BITSHUFFLE)
 
 
-def _create_level(group_dir: Path, path: str, shape: tuple[int, ...], chunks: tuple[int, ...], dtype, version: str,
-                  dim_names: list[str]):
+def _create_level(
+    group_dir: Path,
+    path: str,
+    shape: tuple[int, ...],
+    chunks: tuple[int, ...],
+    dtype,
+    version: str,
+    dim_names: list[str],
+):
     kwargs: dict[str, Any] = {
         "shape": shape,
         "chunks": chunks,
@@ -181,7 +200,9 @@ def _n_levels(shape: tuple[int, int], chunks: tuple[int, int], max_levels: int |
     return n if max_levels is None else max(1, min(n, max_levels))
 
 
-def _copy_level0(source: LabelSource, arr, lead: tuple[int, ...], tick: Callable[[], None], ids: set[int] | None) -> None:
+def _copy_level0(
+    source: LabelSource, arr, lead: tuple[int, ...], tick: Callable[[], None], ids: set[int] | None
+) -> None:
     ch, cw = source.chunks
     for region in Region.from_shape(source.shape).grid((ch, cw)):
         block = np.asarray(source.labels[region.slices])
@@ -246,7 +267,10 @@ def _multiscales(
                 "path": str(k),
                 "coordinateTransformations": [
                     {"type": "scale", "scale": [*lead_scale, sy * fy, sx * fx]},
-                    {"type": "translation", "translation": [*([0.0] * len(lead_scale)), oy + sy * (fy - 1) / 2, ox + sx * (fx - 1) / 2]},
+                    {
+                        "type": "translation",
+                        "translation": [*([0.0] * len(lead_scale)), oy + sy * (fy - 1) / 2, ox + sx * (fx - 1) / 2],
+                    },
                 ],
             }
         )
@@ -374,7 +398,9 @@ def export_ome_zarr(
         ids: set[int] | None = set() if source.kind == "instance" else None
         arrays = []
         for k, (h, w) in enumerate(level_shapes):
-            arr = _create_level(group_dir, str(k), (*lead, h, w), (*lead, *chunk_shape), source.dtype, version, dim_names)
+            arr = _create_level(
+                group_dir, str(k), (*lead, h, w), (*lead, *chunk_shape), source.dtype, version, dim_names
+            )
             if k == 0:
                 _copy_level0(source, arr, lead, tick, ids)
             else:

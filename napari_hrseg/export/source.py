@@ -32,7 +32,15 @@ __all__ = ["LabelSource", "DEFAULT_CLASS_COLORS", "default_class_names", "hex_to
 #: Okabe-Ito based palette (the same defaults as `napari_hrseg.models.config.DEFAULT_COLORS`, repeated here so
 #: that exporting labels does not import torch); index 0 is the background.
 DEFAULT_CLASS_COLORS = (
-    "#000000", "#e69f00", "#56b4e9", "#009e73", "#f0e442", "#0072b2", "#d55e00", "#cc79a7", "#999999",
+    "#000000",
+    "#e69f00",
+    "#56b4e9",
+    "#009e73",
+    "#f0e442",
+    "#0072b2",
+    "#d55e00",
+    "#cc79a7",
+    "#999999",
 )
 
 _HEX = re.compile(r"^#[0-9a-fA-F]{6}$")
@@ -120,7 +128,8 @@ class LabelSource:
             )
         if not np.issubdtype(np.dtype(labels.dtype), np.integer):
             raise ExportError(
-                f"labels have dtype {labels.dtype}; label values must be integers", subject=subject,
+                f"labels have dtype {labels.dtype}; label values must be integers",
+                subject=subject,
                 hint="convert probabilities to labels first (argmax), or cast a boolean mask to uint8",
             )
         if labels.shape[0] == 0 or labels.shape[1] == 0:
@@ -158,7 +167,8 @@ class LabelSource:
         colors = tuple(self.class_colors) or _default_colors(len(names))
         if len(colors) != len(names):
             raise ExportError(
-                f"{len(names)} class names but {len(colors)} class colours", subject=subject,
+                f"{len(names)} class names but {len(colors)} class colours",
+                subject=subject,
                 hint="give one #rrggbb colour per class, background included",
             )
         for c in colors:
@@ -174,7 +184,8 @@ class LabelSource:
         for obj, cls in self.instance_classes.items():
             if not 0 < cls < len(names):
                 raise ExportError(
-                    f"object {obj} has class index {cls}, outside 1..{len(names) - 1}", subject=subject,
+                    f"object {obj} has class index {cls}, outside 1..{len(names) - 1}",
+                    subject=subject,
                     hint=f"classes are {', '.join(names)}",
                 )
 
@@ -220,10 +231,14 @@ class LabelSource:
         if not hasattr(labels, "shape") or not hasattr(labels, "dtype"):
             labels = np.asarray(labels)
         if np.dtype(labels.dtype) == np.bool_:
-            labels = labels.astype(np.uint8) if isinstance(labels, (np.ndarray, da.Array)) else np.asarray(labels, np.uint8)
+            labels = (
+                labels.astype(np.uint8) if isinstance(labels, (np.ndarray, da.Array)) else np.asarray(labels, np.uint8)
+            )
         kind = kind or ("instance" if instance_classes else "semantic")
         ds = (float(downsample), float(downsample)) if np.isscalar(downsample) else tuple(float(v) for v in downsample)
-        mpp_yx = None if mpp is None else ((float(mpp), float(mpp)) if np.isscalar(mpp) else tuple(float(v) for v in mpp))
+        mpp_yx = (
+            None if mpp is None else ((float(mpp), float(mpp)) if np.isscalar(mpp) else tuple(float(v) for v in mpp))
+        )
         if class_names is None:
             if kind == "instance":
                 n = max([2] + [int(c) + 1 for c in (instance_classes or {}).values()])
