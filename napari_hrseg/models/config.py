@@ -106,6 +106,13 @@ class ModelConfig:
             raise ModelError(f"mpp={self.mpp} must be a positive pixel size in µm", subject=self.arch)
         if self.num_classes >= IGNORE_INDEX:
             raise ModelError(f"at most {IGNORE_INDEX - 1} classes are supported", subject=self.arch)
+        # Keep params and lineage as JSON gives them back (tuples become lists, numpy scalars numbers), so a
+        # config equals itself after a save/load round trip, and a value JSON cannot hold fails here, not at save.
+        for f in ("params", "lineage"):
+            try:
+                object.__setattr__(self, f, json.loads(json.dumps(dict(getattr(self, f)), default=_json_default)))
+            except (TypeError, ValueError) as exc:
+                raise ModelError(f"config {f} cannot be saved as JSON ({exc})", subject=self.arch) from exc
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:

@@ -100,12 +100,23 @@ def load_model(source: str | Path, *, device: str | torch.device = "cpu") -> Hrs
     config = ModelConfig.load(directory)
     model = build_model(config)
     state = load_state_dict_safely(directory / WEIGHTS_FILE)
+    hint = "config.json and model.safetensors must come from the same save"
+    current = model.state_dict()
+    wrong_shape = sorted(k for k, v in state.items() if k in current and tuple(current[k].shape) != tuple(v.shape))
+    if wrong_shape:
+        k = wrong_shape[0]
+        raise ModelError(
+            f"weights do not match the architecture ({len(wrong_shape)} tensors of another shape, e.g. {k} "
+            f"{tuple(state[k].shape)} where the config builds {tuple(current[k].shape)})",
+            subject=directory,
+            hint=hint,
+        )
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ModelError(
             f"weights do not match the architecture (missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})",
             subject=directory,
-            hint="config.json and model.safetensors must come from the same save",
+            hint=hint,
         )
     return model.to(device).eval()
 
