@@ -119,8 +119,8 @@ def paint_store(strokes, d, path: Path, slide: Slide, mode: str, seed: int) -> d
     journal = store.journal_bytes - base
     store.close()
     shutil.rmtree(path)
-    return {"total": total, "painting": painting if mode != "dab" else None, "commit_ms": 1e3 * float(np.median(commits)),
-            "flush": flush, "journal": journal, "changed": changed}
+    return {"total": total, "painting": painting if mode != "dab" else None, "flush": flush, "journal": journal,
+            "commit_ms": 1e3 * float(np.median(commits)), "changed": changed}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -219,7 +219,7 @@ def test_concurrent_writers_from_threads(store):
         for i in range(30):
             store.write_mask(Region(offset + i * 3, offset + i * 2, 16, 16), disc(16), label, source=source)
 
-    threads = [threading.Thread(target=paint, args=("user", 1, 0)), threading.Thread(target=paint, args=("model", 2, 8))]
+    threads = [threading.Thread(target=paint, args=args) for args in (("user", 1, 0), ("model", 2, 8))]
     for t in threads:
         t.start()
     for t in threads:

@@ -22,6 +22,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from ..geometry import Region
+from ._durable import fsync_path
 
 __all__ = ["ChunkCache", "ChunkKey", "scan_allocated_chunks"]
 
@@ -228,8 +229,8 @@ class ChunkCache:
             return
         with ThreadPoolExecutor(max_workers=min(_IO_THREADS, len(files) + len(dirs))) as pool:
             # Deleted chunks (all background) have no file: their directory entry is what must be durable.
-            list(pool.map(lambda p: _fsync_path(p, missing_ok=True), files))
-            list(pool.map(lambda p: _fsync_path(p, missing_ok=True), sorted(dirs)))
+            list(pool.map(lambda p: fsync_path(p, missing_ok=True), files))
+            list(pool.map(lambda p: fsync_path(p, missing_ok=True), sorted(dirs)))
         self.unsynced.clear()
 
     def drop_all(self) -> None:
@@ -242,15 +243,3 @@ class ChunkCache:
     def cached_bytes(self) -> int:
         return len(self._chunks) * self._chunk_bytes
 
-
-def _fsync_path(path: Path, *, missing_ok: bool = False) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        if missing_ok:
-            return
-        raise
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -45,8 +45,9 @@ from numcodecs import Zstd
 
 from ..errors import LabelStoreError
 from ..geometry import Region
+from ._durable import O_BINARY, datasync, describe_os_error, fsync_dir, pread, pwrite_all
 
-__all__ = ["Journal", "JournalEntry", "FrameHeader", "FileTooLarge", "describe_os_error", "FILE_MAGIC", "FRAME_MAGIC"]
+__all__ = ["Journal", "JournalEntry", "FrameHeader", "FILE_MAGIC", "FRAME_MAGIC"]
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +61,6 @@ _MAX_HEADER = 64 << 20
 _MAX_BODY = 4 << 30
 # zstd level 1: ~1 GB/s on painted masks, and labels compress so well that higher levels gain little.
 _CODEC = Zstd(level=1)
-
-
-class FileTooLarge(OSError):
-    """Raised internally when the OS refuses to grow a file (disk full, quota, RLIMIT_FSIZE)."""
 
 
 @dataclass(frozen=True)
@@ -217,13 +214,13 @@ class Journal:
         """Create an empty journal (fails if ``path`` exists); the file and its directory entry are fsynced."""
         path = Path(path)
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | O_BINARY, 0o644)
         except OSError as exc:
             raise LabelStoreError(f"cannot create the edit journal ({exc.strerror})", subject=path) from exc
         try:
-            _write_all(fd, _FILE_HEADER.pack(FILE_MAGIC, FORMAT_VERSION, 0), 0)
-            os.fsync(fd)
-            _fsync_dir(path.parent)
+            pwrite_all(fd, _FILE_HEADER.pack(FILE_MAGIC, FORMAT_VERSION, 0), 0)
+            datasync(fd)
+            fsync_dir(path.parent)
         except OSError as exc:
             os.close(fd)
             path.unlink(missing_ok=True)
@@ -251,7 +248,7 @@ class Journal:
         """
         path = Path(path)
         try:
-            fd = os.open(path, os.O_RDONLY if read_only else os.O_RDWR)
+            fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | O_BINARY)
         except OSError as exc:
             raise LabelStoreError(f"cannot open the edit journal ({exc.strerror})", subject=path,
                                   hint="a label store directory holds labels/, journal.hrj and zarr.json") from exc
@@ -264,7 +261,7 @@ class Journal:
                                 "next time the store is opened for writing", path, dropped)
                 else:
                     os.ftruncate(fd, end)
-                    os.fsync(fd)
+                    datasync(fd)
                     log.warning("%s: repaired a torn last record: dropped %d bytes after frame %d (an edit that was "
                                 "being written when the program stopped; it had not been acknowledged)",
                                 path, dropped, len(frames))
@@ -307,8 +304,8 @@ class Journal:
             headers.append(header)
         data = b"".join(blobs)
         try:
-            _write_all(self._fd, data, self.end)
-            os.fdatasync(self._fd)
+            pwrite_all(self._fd, data, self.end)
+            datasync(self._fd)
         except OSError as exc:
             self._rollback(exc)
             raise LabelStoreError(
@@ -324,7 +321,7 @@ class Journal:
         # Cut off whatever part of the frames reached the file so a later append starts at a frame boundary.
         try:
             os.ftruncate(self._fd, self.end)
-            os.fsync(self._fd)
+            datasync(self._fd)
         except OSError:
             # Cannot even truncate: the tail will be found torn (and cut) on the next open; refuse further writes.
             log.error("%s: could not roll back a failed append (%s); the store is read-only until reopened",
@@ -337,7 +334,7 @@ class Journal:
         if not header.boxes:
             return []
         head = header.to_json()
-        body = os.pread(self._fd, header.body_len, header.body_offset)
+        body = pread(self._fd, header.body_len, header.body_offset)
         if len(body) != header.body_len or zlib.crc32(body, zlib.crc32(head)) != header.crc:
             raise LabelStoreError(f"frame {header.seq} of the edit journal is damaged (checksum mismatch)",
                                   subject=self.path, hint="restore the label store from a backup")
@@ -359,7 +356,7 @@ class Journal:
 # ---------------------------------------------------------------------- scanning
 def _scan(fd: int, path: Path, verify_from: int) -> tuple[list[FrameHeader], int, int]:
     size = os.fstat(fd).st_size
-    head = os.pread(fd, _FILE_HEADER.size, 0)
+    head = pread(fd, _FILE_HEADER.size, 0)
     if len(head) < _FILE_HEADER.size:
         raise LabelStoreError("the edit journal is truncated before its header", subject=path,
                               hint="the store was never completely created; delete it and create it again")
@@ -367,7 +364,7 @@ def _scan(fd: int, path: Path, verify_from: int) -> tuple[list[FrameHeader], int
     if magic != FILE_MAGIC:
         raise LabelStoreError("not a napari-hrseg edit journal", subject=path)
     if version > FORMAT_VERSION:
-        raise LabelStoreError(f"journal format {version} is newer than this napari-hrseg understands ({FORMAT_VERSION})",
+        raise LabelStoreError(f"journal format {version} is newer than this napari-hrseg reads ({FORMAT_VERSION})",
                               subject=path, hint="upgrade napari-hrseg")
     frames: list[FrameHeader] = []
     pos = _FILE_HEADER.size
@@ -391,7 +388,7 @@ def _scan(fd: int, path: Path, verify_from: int) -> tuple[list[FrameHeader], int
 
 def _read_frame(fd: int, pos: int, size: int, *, verify: bool) -> FrameHeader | None:
     """The header of the frame at ``pos``, or None if it is torn or invalid."""
-    prefix = os.pread(fd, _PREFIX.size, pos)
+    prefix = pread(fd, _PREFIX.size, pos)
     if len(prefix) < _PREFIX.size:
         return None
     magic, head_len, body_len, crc = _PREFIX.unpack(prefix)
@@ -400,9 +397,9 @@ def _read_frame(fd: int, pos: int, size: int, *, verify: bool) -> FrameHeader | 
     body_offset = pos + _PREFIX.size + head_len
     if body_offset + body_len > size:
         return None
-    raw_head = os.pread(fd, head_len, pos + _PREFIX.size)
+    raw_head = pread(fd, head_len, pos + _PREFIX.size)
     if verify:
-        body = os.pread(fd, body_len, body_offset)
+        body = pread(fd, body_len, body_offset)
         if zlib.crc32(body, zlib.crc32(raw_head)) != crc:
             return None
     try:
@@ -418,7 +415,7 @@ def _next_valid_frame(fd: int, start: int, size: int) -> int | None:
     block = 1 << 20
     pos = start
     while pos < size:
-        data = os.pread(fd, block + len(FRAME_MAGIC), pos)
+        data = pread(fd, block + len(FRAME_MAGIC), pos)
         i = data.find(FRAME_MAGIC)
         while i >= 0:
             if _read_frame(fd, pos + i, size, verify=True) is not None:
@@ -426,31 +423,3 @@ def _next_valid_frame(fd: int, start: int, size: int) -> int | None:
             i = data.find(FRAME_MAGIC, i + 1)
         pos += block
     return None
-
-
-# ---------------------------------------------------------------------- low-level I/O
-def _write_all(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        if n <= 0:  # pragma: no cover - pwrite raises rather than returning 0 on Linux
-            raise FileTooLarge(28, "no space left on device")
-        view, offset = view[n:], offset + n
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def describe_os_error(exc: OSError) -> str:
-    import errno
-
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return "the disk is full"
-    if exc.errno == errno.EFBIG:
-        return "the file size limit was reached (disk quota or ulimit -f)"
-    return exc.strerror or str(exc)

@@ -15,7 +15,6 @@ napari and `dask.array.from_array` both accept.
 
 from __future__ import annotations
 
-import threading
 import uuid
 from pathlib import Path
 from typing import Any, Protocol
@@ -154,7 +153,8 @@ class LevelView:
         x0, x1 = c0 * f, min(c1 * f, W)
         keys = self.source.allocated_keys()
         if len(keys):
-            sel = (keys[:, 0] >= y0 // c) & (keys[:, 0] <= (y1 - 1) // c) & (keys[:, 1] >= x0 // c) & (keys[:, 1] <= (x1 - 1) // c)
+            rows_ok = (keys[:, 0] >= y0 // c) & (keys[:, 0] <= (y1 - 1) // c)
+            sel = rows_ok & (keys[:, 1] >= x0 // c) & (keys[:, 1] <= (x1 - 1) // c)
             keys = keys[sel]
         if not len(keys):
             return out

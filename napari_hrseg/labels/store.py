@@ -51,7 +51,6 @@ level); reviews and `to_working`/`to_level0` speak level-0 `Region`\\ s.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import math
@@ -61,7 +60,6 @@ import threading
 import time
 import uuid
 from collections import defaultdict
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Literal, Mapping, Sequence
@@ -71,7 +69,8 @@ import numpy as np
 from ..errors import LabelStoreError, RegionError
 from ..geometry import Region
 from .chunks import ChunkCache, ChunkKey
-from .journal import FrameHeader, Journal, JournalEntry, describe_os_error
+from ._durable import FileLock, describe_os_error, fsync_dir, write_json_atomic
+from .journal import FrameHeader, Journal, JournalEntry
 from .pyramid import level_arrays, level_shape
 from .review import Review, ReviewIndex
 
@@ -331,11 +330,11 @@ class LabelStore:
                 dimension_names=("y", "x"),
             )
             Journal.create(tmp / _JOURNAL).close()
-            _write_json_atomic(tmp / _CHECKPOINT, {"seq": 0, "offset": 16, "time": time.time()})
+            write_json_atomic(tmp / _CHECKPOINT, {"seq": 0, "offset": 16, "time": time.time()})
             if path.exists():  # overwrite
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
             os.replace(tmp, path)
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             raise LabelStoreError(f"cannot create the label store: {describe_os_error(exc)}", subject=path,
@@ -402,13 +401,13 @@ class LabelStore:
         self.max_dirty_chunks = max(1, int(max_dirty_chunks))
         self.checkpoint_interval = float(checkpoint_interval)
         self._lock = threading.RLock()
-        self._lock_fd = -1
+        self._file_lock: FileLock | None = None
         self._journal: Journal | None = None
         self.info = _read_info(path)
         if slide is not None:
             self.check_slide(slide)
         if not read_only:
-            self._lock_fd = _acquire_lock(path)
+            self._file_lock = _acquire_lock(path)
         try:
             checkpoint = _read_json(path / _CHECKPOINT, {"seq": 0, "offset": 16})
             self._journal = Journal.open(path / _JOURNAL, read_only=read_only, verify_from=int(checkpoint["offset"]))
@@ -660,7 +659,8 @@ class LabelStore:
         if mask is not None:
             mask = np.asarray(mask, dtype=bool)
             if mask.shape != box.shape:
-                raise LabelStoreError(f"mask of shape {mask.shape} does not match the box {box.shape}", subject=self.path)
+                raise LabelStoreError(f"mask of shape {mask.shape} does not match the box {box.shape}",
+                                      subject=self.path)
             self._check_values(np.asarray([label]))
             label = int(label)  # type: ignore[arg-type]
         else:
@@ -712,7 +712,8 @@ class LabelStore:
         lo, hi = int(values.min()), int(values.max())
         top = len(self.class_names) - 1 if self.kind == "semantic" else np.iinfo(np.uint32).max
         if lo < 0 or hi > top:
-            what = f"class indices 0..{top} ({', '.join(self.class_names)})" if self.kind == "semantic" else "object ids >= 0"
+            what = (f"class indices 0..{top} ({', '.join(self.class_names)})" if self.kind == "semantic"
+                    else "object ids >= 0")
             raise LabelStoreError(f"labels {lo}..{hi} are out of range; this store holds {what}", subject=self.path)
 
     def _commit_group(self, group: EditGroup) -> None:
@@ -961,7 +962,7 @@ class LabelStore:
             cursors = _read_json(self.path / _CURSORS, {})
             cursors[name] = int(seq)
             try:
-                _write_json_atomic(self.path / _CURSORS, cursors)
+                write_json_atomic(self.path / _CURSORS, cursors)
             except OSError as exc:
                 raise LabelStoreError(f"cannot save the cursor: {describe_os_error(exc)}", subject=self.path) from exc
 
@@ -1057,15 +1058,15 @@ class LabelStore:
 
     def __repr__(self) -> str:
         h, w = self.shape
-        return f"LabelStore({str(self.path)!r}, {self.kind}, level {self.level} {h}x{w}, {len(self.class_names)} classes)"
+        n = len(self.class_names)
+        return f"LabelStore({str(self.path)!r}, {self.kind}, level {self.level} {h}x{w}, {n} classes)"
 
     def _maybe_checkpoint(self) -> None:
         """After a commit: bound memory (write back) and replay time (checkpoint) without blocking every dab."""
         if self._cache.dirty and len(self._cache.dirty) >= self.max_dirty_chunks:
             self._write_back(raise_errors=False)
-        if time.monotonic() - self._last_checkpoint_time > self.checkpoint_interval and (
-            self._cache.dirty or self._cache.unsynced or self._checkpoint_seq != self._journal.last_seq  # type: ignore[union-attr]
-        ):
+        behind = self._cache.dirty or self._cache.unsynced or self._checkpoint_seq != self.last_seq
+        if behind and time.monotonic() - self._last_checkpoint_time > self.checkpoint_interval:
             self._checkpoint(raise_errors=False)
 
     def _write_back(self, *, raise_errors: bool) -> bool:
@@ -1089,7 +1090,7 @@ class LabelStore:
         try:
             self._cache.sync()
             if seq != self._checkpoint_seq:
-                _write_json_atomic(self.path / _CHECKPOINT, {"seq": seq, "offset": offset, "time": time.time()})
+                write_json_atomic(self.path / _CHECKPOINT, {"seq": seq, "offset": offset, "time": time.time()})
                 self._checkpoint_seq = seq
         except Exception as exc:
             self._report_writeback_error(exc, raise_errors)
@@ -1126,8 +1127,8 @@ class LabelStore:
         if h.op == "edit":
             record = self._groups.get(h.group)  # type: ignore[arg-type]
             if record is None:
-                record = self._groups[h.group] = EditRecord(h.group, h.source or "user", h.author,  # type: ignore[index]
-                                                            h.model_version, h.time)
+                record = EditRecord(h.group, h.source or "user", h.author, h.model_version, h.time)  # type: ignore
+                self._groups[record.group] = record
                 self._next_group = max(self._next_group, record.group + 1)
             if h.boxes:
                 if not record.frames:  # the group's first change of labels makes it an undo step
@@ -1197,12 +1198,9 @@ class LabelStore:
         if self._journal is not None:
             self._journal.close()
             self._journal = None
-        if self._lock_fd >= 0:
-            try:
-                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-            finally:
-                os.close(self._lock_fd)
-                self._lock_fd = -1
+        if self._file_lock is not None:
+            self._file_lock.release()
+            self._file_lock = None
 
 
 class _LiveChunks:
@@ -1282,15 +1280,12 @@ def _read_info(path: Path) -> dict[str, Any]:
     return info
 
 
-def _acquire_lock(path: Path) -> int:
-    fd = os.open(path / _LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+def _acquire_lock(path: Path) -> FileLock:
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return FileLock(path / _LOCK)
     except OSError as exc:
-        os.close(fd)
-        raise LabelStoreError("the label store is open for writing in another process", subject=path,
-                              hint="close it there, or open it here with read_only=True") from exc
-    return fd
+        raise LabelStoreError("the label store is open for writing in another process (or another viewer)",
+                              subject=path, hint="close it there, or open it here with read_only=True") from exc
 
 
 def _read_json(path: Path, default: Any) -> Any:
@@ -1300,28 +1295,6 @@ def _read_json(path: Path, default: Any) -> Any:
         return default
     except json.JSONDecodeError as exc:
         raise LabelStoreError(f"{path.name} is not valid JSON", subject=path.parent) from exc
-
-
-def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(data, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _union(boxes: Sequence[Region]) -> Region:
