@@ -231,3 +231,17 @@ def test_replacing_a_directory_export_swaps_whole_trees(tmp_path):
     second = json.loads((target / "labels" / "labels" / ".zattrs").read_text())
     assert first["hrseg"]["kind"] == "instance" and second["hrseg"]["kind"] == "semantic"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.ome.zarr"]
+
+
+def test_a_previous_directory_export_moved_aside_by_a_killed_writer_is_restored(tmp_path):
+    from napari_hrseg.export._atomic import remove_stale_partials
+
+    target = tmp_path / "labels.ome.zarr"
+    export_labels(_source(), target)
+    # What a writer killed between its two renames leaves: the old export aside, the new one as a partial.
+    dead_pid = 2**22 + 12345  # above Linux's pid_max default range: no such process
+    os.replace(target, tmp_path / f".labels.ome.zarr.{dead_pid}.old{PARTIAL_SUFFIX}")
+    (tmp_path / f".labels.ome.zarr.{dead_pid}.abcd1234{PARTIAL_SUFFIX}").mkdir()
+    remove_stale_partials(target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.ome.zarr"]
+    assert (target / "labels" / "labels" / ".zattrs").is_file()

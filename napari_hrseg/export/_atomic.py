@@ -49,6 +49,7 @@ def _pid_alive(pid: int) -> bool:
 def remove_stale_partials(target: Path) -> list[Path]:
     """Delete leftovers of earlier exports to ``target`` whose writer process no longer runs.
 
+    A previous export that was moved aside for a replacement that never completed is restored instead.
     Returns the removed paths (for logging and tests).
     """
     removed = []
@@ -67,6 +68,11 @@ def remove_stale_partials(target: Path) -> list[Path]:
         pid = int(middle[0])
         if pid != os.getpid() and _pid_alive(pid):
             continue  # another export to the same target is running right now
+        if middle[-1] == "old" and not target.exists():
+            # Killed between moving the previous export aside and renaming the new one in: put the old one back.
+            os.replace(entry, target)
+            log.warning("restored the previous export %s after an interrupted replacement", target)
+            continue
         _remove(entry)
         removed.append(entry)
         log.info("removed the leftover of an interrupted export: %s", entry)
