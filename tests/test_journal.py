@@ -120,7 +120,7 @@ def test_read_only_open_leaves_a_torn_tail_alone(tmp_path, slide, caplog):
     size = (path / "journal.hrj").stat().st_size
     with LabelStore.open(path, read_only=True) as s:
         assert s.last_seq == 2
-    assert (path / "journal.hrj").stat().st_size == size and "ignoring a torn last record" in caplog.text
+    assert (path / "journal.hrj").stat().st_size == size and "ignoring an incomplete last record" in caplog.text
 
 
 def test_damage_before_the_last_record_is_refused_not_repaired(tmp_path, slide):

@@ -370,6 +370,8 @@ def test_corrections_queue_with_cursor(tmp_path, slide):
         assert [c.author for c in samples] == ["dr f", "dr f"]
         first, second = samples
         assert first.mask.sum() == disc(40).sum() and np.all(first.labels[first.mask] == 2)
+        masked = first.masked_labels()
+        assert np.all(masked[first.mask] == 2) and np.all(masked[~first.mask] == 255)
         assert first.region == s.to_level0(first.box)
         assert np.all(second.labels[second.mask] == 0)
         s.set_cursor("fine-tune", second.seq)

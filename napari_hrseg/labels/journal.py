@@ -257,8 +257,9 @@ class Journal:
             if end < size:
                 dropped = size - end
                 if read_only:
-                    log.warning("%s: ignoring a torn last record (%d bytes) while reading; it will be cut off the "
-                                "next time the store is opened for writing", path, dropped)
+                    log.warning("%s: ignoring an incomplete last record (%d bytes): another process is writing it, or "
+                                "a crash tore it (then it is cut off when the store is next opened for writing)",
+                                path, dropped)
                 else:
                     os.ftruncate(fd, end)
                     datasync(fd)

@@ -161,6 +161,13 @@ class Correction:
     model_version: str | None
     time: float
 
+    def masked_labels(self, ignore_index: int = 255) -> np.ndarray:
+        """``labels`` where ``mask`` is True, ``ignore_index`` elsewhere (what a loss with an ignore index wants).
+
+        Semantic stores only (instance ids do not fit the uint8 ``ignore_index`` convention).
+        """
+        return np.where(self.mask, self.labels, np.asarray(ignore_index, self.labels.dtype))
+
 
 class EditGroup:
     """Edits that form one undo step, committed to the journal together.
