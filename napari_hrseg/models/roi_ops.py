@@ -19,6 +19,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 __all__ = [
     "roi_align",
@@ -60,9 +61,9 @@ def roi_align(
     coordinates are clamped into ``[0, H - 1]`` (so a sample within one pixel of the border takes the border
     value rather than fading to zero, unlike ``grid_sample``'s zero padding).
 
-    The implementation is exact for adaptive sampling too: every sample point of every RoI (each RoI with its
-    own sub-grid) goes into one flat list, the four neighbours of all of them are gathered from the map at
-    once, and a segment sum averages the samples of each bin.  No Python loop over RoIs.
+    The implementation is exact for adaptive sampling too: RoIs are grouped by image and by their sub-grid
+    ``(gh, gw)``; each group is one ``grid_sample`` over all its RoIs' sample points followed by a
+    ``(gh, gw)`` average pool.  No Python loop over RoIs.
 
     Parameters
     ----------
@@ -114,56 +115,47 @@ def roi_align(
         # (possible with aligned=True) gives no samples and a zero output.
         grid_h = torch.ceil(roi_h / out_h).long().clamp(min=0)
         grid_w = torch.ceil(roi_w / out_w).long().clamp(min=0)
-    per_bin = grid_h * grid_w  # samples in each bin of RoI k
-    bins = out_h * out_w
-    per_roi = per_bin * bins
-    total = int(per_roi.sum())
-    out = features.new_zeros((k * bins, c))
-    if total > 0:
-        # Flat index of every sample: which RoI, which bin, which sub-grid cell.
-        roi_of = torch.repeat_interleave(torch.arange(k, device=features.device), per_roi)
-        start = torch.cumsum(per_roi, 0) - per_roi
-        local = torch.arange(total, device=features.device) - start[roi_of]
-        nb = per_bin[roi_of]
-        bin_of = local // nb
-        sub = local - bin_of * nb
-        gw_of = grid_w[roi_of]
-        iy = sub // gw_of
-        ix = sub - iy * gw_of
-        ph = bin_of // out_w
-        pw = bin_of - ph * out_w
-        y = y1[roi_of] + ph * bin_h[roi_of] + (iy.to(features.dtype) + 0.5) * bin_h[roi_of] / grid_h[roi_of]
-        x = x1[roi_of] + pw * bin_w[roi_of] + (ix.to(features.dtype) + 0.5) * bin_w[roi_of] / gw_of
-        values = _bilinear_gather(features, batch_idx[roi_of], y, x)  # (total, C)
-        out.index_add_(0, roi_of * bins + bin_of, values)
-    count = per_bin.clamp(min=1).to(features.dtype).repeat_interleave(bins)
-    out = out / count[:, None]
-    return out.view(k, out_h, out_w, c).permute(0, 3, 1, 2).contiguous()
+    out = features.new_zeros((k, c, out_h, out_w))
+    # RoIs sharing a sample grid (gh, gw) and an image are sampled by one grid_sample: every RoI's
+    # (out_h * gh) x (out_w * gw) sample points are stacked along the grid's height, then average-pooled by
+    # (gh, gw).  Typically a handful of groups, never a loop over RoIs.
+    groups = torch.stack([grid_h, grid_w, batch_idx], dim=1)
+    for gh, gw, b in torch.unique(groups, dim=0).tolist():
+        if gh <= 0 or gw <= 0:
+            continue  # no samples: torchvision returns 0 for these bins
+        sel = torch.nonzero((grid_h == gh) & (grid_w == gw) & (batch_idx == b), as_tuple=False).squeeze(1)
+        m = sel.numel()
+        t_y = (torch.arange(out_h * gh, device=features.device, dtype=features.dtype) + 0.5) / gh  # in bins
+        t_x = (torch.arange(out_w * gw, device=features.device, dtype=features.dtype) + 0.5) / gw
+        y = y1[sel, None] + t_y[None] * bin_h[sel, None]  # (m, out_h * gh) index coordinates
+        x = x1[sel, None] + t_x[None] * bin_w[sel, None]
+        out[sel] = _sample_and_pool(features[b : b + 1], y, x, gh, gw)
+    return out
 
 
-def _bilinear_gather(features: torch.Tensor, b: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Bilinear samples ``(P, C)`` at index coordinates ``(y, x)`` of images ``b``, torchvision's border rule."""
-    n, c, height, width = features.shape
-    valid = (y >= -1.0) & (y <= height) & (x >= -1.0) & (x <= width)
-    y = y.clamp(min=0.0, max=height - 1)
-    x = x.clamp(min=0.0, max=width - 1)
-    y0 = y.floor().long().clamp(max=height - 1)
-    x0 = x.floor().long().clamp(max=width - 1)
-    y1 = (y0 + 1).clamp(max=height - 1)
-    x1 = (x0 + 1).clamp(max=width - 1)
-    ly = y - y0.to(y.dtype)
-    lx = x - x0.to(x.dtype)
-    hy = 1.0 - ly
-    hx = 1.0 - lx
-    flat = features.permute(0, 2, 3, 1).reshape(n * height * width, c)
-    base = b * (height * width)
-    v = (
-        flat[base + y0 * width + x0] * (hy * hx)[:, None]
-        + flat[base + y0 * width + x1] * (hy * lx)[:, None]
-        + flat[base + y1 * width + x0] * (ly * hx)[:, None]
-        + flat[base + y1 * width + x1] * (ly * lx)[:, None]
-    )
-    return v * valid.to(v.dtype)[:, None]
+def _sample_and_pool(feature: torch.Tensor, y: torch.Tensor, x: torch.Tensor, gh: int, gw: int) -> torch.Tensor:
+    """Bin averages for ``m`` RoIs of one image with separable sample coordinates ``y`` ``(m, Sy)``, ``x`` ``(m, Sx)``.
+
+    torchvision's border rule: a sample with ``y < -1``, ``y > H``, ``x < -1`` or ``x > W`` contributes 0, any
+    other has its coordinates clamped into the map before bilinear interpolation.  After that clamp every sample
+    lies inside the map, so ``grid_sample`` (border padding, never reached beyond rounding) interpolates it
+    exactly as torchvision does.
+    """
+    _, c, height, width = feature.shape
+    m, sy = y.shape
+    sx = x.shape[1]
+    valid = ((y >= -1.0) & (y <= height))[:, :, None] & ((x >= -1.0) & (x <= width))[:, None, :]
+    y = y.clamp(0.0, height - 1.0)
+    x = x.clamp(0.0, width - 1.0)
+    gy = (2.0 * y + 1.0) / height - 1.0
+    gx = (2.0 * x + 1.0) / width - 1.0
+    grid = torch.stack([gx[:, None, :].expand(m, sy, sx), gy[:, :, None].expand(m, sy, sx)], dim=-1)
+    samples = F.grid_sample(feature, grid.reshape(1, m * sy, sx, 2), mode="bilinear", padding_mode="border",
+                            align_corners=False)  # (1, C, m * sy, sx)
+    samples = samples.view(c, m, sy, sx).transpose(0, 1) * valid[:, None].to(samples.dtype)
+    if gh == 1 and gw == 1:
+        return samples
+    return F.avg_pool2d(samples, (gh, gw), stride=(gh, gw))
 
 
 def map_roi_levels(rois: torch.Tensor, num_levels: int, finest_scale: float = 56.0) -> torch.Tensor:
