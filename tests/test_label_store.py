@@ -308,10 +308,26 @@ def test_pyramid_levels_are_mode_for_classes(tmp_path, slide):
         levels = s.pyramid()
         assert [lv.shape for lv in levels] == [(1000, 1500), (500, 750), (250, 375), (125, 188), (63, 94), (32, 47)]
         assert np.array_equal(levels[0].compute(), truth)
+        reference = [truth]
+        for _ in range(5):
+            reference.append(_mode_reference(reference[-1], 2))  # each level halves the one below
         for k in (1, 2, 4):
-            assert np.array_equal(levels[k].compute(), _mode_reference(truth, 2**k)), k
+            assert np.array_equal(levels[k].compute(), reference[k]), k
         # A window of a level equals the same window of the whole level (chunk-border independent).
         assert np.array_equal(levels[2][37:101, 200:333].compute(), levels[2].compute()[37:101, 200:333])
+        # Coarse tiles are cached; an edit (and its undo) must show in them at once.
+        s.write_mask(Region(600, 700, 90, 90), disc(90), 3)
+        truth[600:690, 700:790][disc(90)] = 3
+        reference = [truth]
+        for _ in range(4):
+            reference.append(_mode_reference(reference[-1], 2))
+        for k in (2, 4):
+            assert np.array_equal(levels[k].compute(), reference[k]), k
+        s.undo()
+        reference = [s.read(Region(0, 0, H, W))]
+        for _ in range(4):
+            reference.append(_mode_reference(reference[-1], 2))
+        assert np.array_equal(levels[4].compute(), reference[4])
         ds = s.level_downsamples()
         assert ds[0] == (4.0, 4.0) and ds[3] == (4000 / 125, 6000 / 188)
 

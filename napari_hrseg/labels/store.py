@@ -59,6 +59,7 @@ import shutil
 import threading
 import time
 import uuid
+import weakref
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -433,6 +434,7 @@ class LabelStore:
             self._before: dict[ChunkKey, np.ndarray] = {}
             self._touched: dict[ChunkKey, list[int]] = {}
             self._open_groups: dict[int, EditGroup] = {}
+            self._listeners: list[weakref.WeakMethod] = []
             self._last_checkpoint_time = time.monotonic()
             self._writeback_error: str | None = None
             for header in self._journal.frames:
@@ -690,6 +692,7 @@ class LabelStore:
                 self._commit_pending()
             self._pending = group
             cache, before, touched = self._cache, self._before, self._touched
+            touched_keys: list[ChunkKey] = []
             for key, in_chunk, in_box in cache.pieces(box):
                 if mask is not None:
                     sub = mask[in_box]
@@ -707,6 +710,8 @@ class LabelStore:
                     chunk[in_chunk][sub] = label
                 else:
                     chunk[in_chunk] = values[in_box]  # type: ignore[index]
+                touched_keys.append(key)
+            self._notify(touched_keys)
             for obj, cls in classes.items():
                 group._classes[obj] = cls
 
@@ -773,6 +778,7 @@ class LabelStore:
     def _restore_pending(self) -> None:
         for key, old in self._before.items():
             self._cache._chunks[key][...] = old
+        self._notify(list(self._before))
         self._pending = None
         self._before.clear()
         self._touched.clear()
@@ -852,8 +858,25 @@ class LabelStore:
 
     def _put(self, box: Region, values: np.ndarray) -> None:
         """Write straight into the cache (journalled by the caller)."""
+        keys = []
         for key, in_chunk, in_box in self._cache.pieces(box):
             self._cache.get_for_write(key)[in_chunk] = values[in_box]
+            keys.append(key)
+        self._notify(keys)
+
+    def _add_listener(self, callback) -> None:
+        with self._lock:
+            self._listeners = [ref for ref in self._listeners if ref() is not None]
+            self._listeners.append(weakref.WeakMethod(callback))
+
+    def _notify(self, keys: list[ChunkKey]) -> None:
+        """Tell derived views (cached pyramid tiles) which chunks changed."""
+        if not keys:
+            return
+        for ref in self._listeners:
+            callback = ref()
+            if callback is not None:
+                callback(keys)
 
     # ------------------------------------------------------------------ review status
     def mark_reviewed(self, region: Region, reviewer: str, *, model_version: str | None = None,
@@ -1227,6 +1250,10 @@ class _LiveChunks:
 
     def get_chunk(self, key: ChunkKey) -> np.ndarray | None:
         return self._store._cache.peek(key)
+
+    def add_listener(self, callback) -> None:
+        """Call ``callback(chunk_keys)`` after every edit (held weakly: a dropped pyramid stops listening)."""
+        self._store._add_listener(callback)
 
 
 # ---------------------------------------------------------------------- helpers
