@@ -99,18 +99,21 @@ class ChunkCache:
     def pieces(self, box: Region) -> Iterator[tuple[ChunkKey, tuple[slice, slice], tuple[slice, slice]]]:
         """For every chunk overlapping ``box`` (clipped to the array): its key, the slices inside the chunk and
         the slices inside ``box``."""
-        inside = box.clip(self.shape)
-        if inside.is_empty:
+        # Plain integers, no Region objects: this runs for every brush dab.
+        row, col = box.row, box.col
+        top, left = max(row, 0), max(col, 0)
+        bottom, right = min(row + box.height, self.shape[0]), min(col + box.width, self.shape[1])
+        if top >= bottom or left >= right:
             return
         c = self.chunk
-        for i in range(inside.row // c, (inside.end_row - 1) // c + 1):
-            r0, r1 = max(inside.row, i * c), min(inside.end_row, (i + 1) * c)
-            for j in range(inside.col // c, (inside.end_col - 1) // c + 1):
-                c0, c1 = max(inside.col, j * c), min(inside.end_col, (j + 1) * c)
+        for i in range(top // c, (bottom - 1) // c + 1):
+            r0, r1 = max(top, i * c), min(bottom, (i + 1) * c)
+            for j in range(left // c, (right - 1) // c + 1):
+                c0, c1 = max(left, j * c), min(right, (j + 1) * c)
                 yield (
                     (i, j),
                     (slice(r0 - i * c, r1 - i * c), slice(c0 - j * c, c1 - j * c)),
-                    (slice(r0 - box.row, r1 - box.row), slice(c0 - box.col, c1 - box.col)),
+                    (slice(r0 - row, r1 - row), slice(c0 - col, c1 - col)),
                 )
 
     # ------------------------------------------------------------------ access

@@ -670,7 +670,8 @@ class LabelStore:
             if mask.shape != box.shape:
                 raise LabelStoreError(f"mask of shape {mask.shape} does not match the box {box.shape}",
                                       subject=self.path)
-            self._check_values(np.asarray([label]))
+            if not isinstance(label, (int, np.integer)) or not 0 <= int(label) <= self._max_label:
+                self._check_values(np.asarray([label]))  # raises with the full explanation
             label = int(label)  # type: ignore[arg-type]
         else:
             values = np.asarray(values)
@@ -714,6 +715,10 @@ class LabelStore:
             self._notify(touched_keys)
             for obj, cls in classes.items():
                 group._classes[obj] = cls
+
+    @property
+    def _max_label(self) -> int:
+        return len(self.info["class_names"]) - 1 if self.info["kind"] == "semantic" else 2**32 - 1
 
     def _check_values(self, values: np.ndarray) -> None:
         if not np.issubdtype(values.dtype, np.integer) and values.dtype != bool:
