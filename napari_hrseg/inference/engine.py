@@ -63,7 +63,9 @@ class ModelRunner:
     def logits(self, pixels: np.ndarray) -> torch.Tensor:
         """Logits ``(N, num_classes, h, w)`` float32 on the model's device for ``(N, h, w, C)`` pixels."""
         start = time.perf_counter()
-        x = to_input_tensor(pixels, self.config, self.device.device)
+        # to_input_tensor's permute leaves channels-last strides; torch 2.13's CPU kernels have corrupted the
+        # heap on such inputs (FPN backward), so the engine always feeds plain NCHW memory.
+        x = to_input_tensor(pixels, self.config, self.device.device).contiguous()
         with self.device.autocast():
             out = self.model(x)["logits"]
         out = out.float()
