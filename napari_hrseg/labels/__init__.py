@@ -6,8 +6,10 @@ Headless (no Qt, no napari): `LabelStore` and friends.  The napari layers that p
 
 from __future__ import annotations
 
+from .corrections import Correction
+from .history import EditRecord
 from .journal import Journal, JournalEntry
 from .review import Review
-from .store import SOURCES, Correction, EditGroup, EditRecord, LabelStore
+from .store import SOURCES, EditGroup, LabelStore
 
 __all__ = ["LabelStore", "EditGroup", "EditRecord", "Correction", "Review", "Journal", "JournalEntry", "SOURCES"]

@@ -51,7 +51,6 @@ level); reviews and `to_working`/`to_level0` speak level-0 `Region`\\ s.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -60,8 +59,6 @@ import threading
 import time
 import uuid
 import weakref
-from collections import defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Literal, Mapping, Sequence
 
@@ -69,11 +66,15 @@ import numpy as np
 
 from ..errors import LabelStoreError, RegionError
 from ..geometry import Region
-from .chunks import ChunkCache, ChunkKey
 from ._durable import FileLock, describe_os_error, fsync_dir, write_json_atomic
+from .chunks import ChunkCache, ChunkKey
+from .corrections import Correction, correction_samples, union_box
+from .history import EditRecord, History
 from .journal import FrameHeader, Journal, JournalEntry
+from .layout import (ARRAY, CHECKPOINT, CURSORS, DTYPES, JOURNAL, LOCK, STORE_FORMAT, STORE_VERSION, pick_classes,
+                     pick_level, read_info, read_json)
 from .pyramid import level_arrays, level_shape
-from .review import Review, ReviewIndex
+from .review import Review
 
 if TYPE_CHECKING:  # heavy or optional imports, for annotations only
     import dask.array as da
@@ -82,92 +83,12 @@ if TYPE_CHECKING:  # heavy or optional imports, for annotations only
     from ..models.config import ModelConfig
     from ..slide import Slide
 
-__all__ = ["LabelStore", "EditGroup", "EditRecord", "Correction", "SOURCES", "STORE_FORMAT"]
+__all__ = ["LabelStore", "EditGroup", "SOURCES"]
 
 log = logging.getLogger(__name__)
 
-STORE_FORMAT = "napari-hrseg-labels"
-STORE_VERSION = 1
 #: Where an edit came from.
 SOURCES = ("user", "model", "import")
-_DTYPES = {"semantic": np.dtype(np.uint8), "instance": np.dtype(np.uint32)}
-# Okabe-Ito, index 0 the background (the same palette as ModelConfig and LabelSource, kept here so that the
-# headless store does not import torch through napari_hrseg.models).
-_PALETTE = ("#000000", "#e69f00", "#56b4e9", "#009e73", "#f0e442", "#0072b2", "#d55e00", "#cc79a7", "#999999")
-_JOURNAL, _CHECKPOINT, _CURSORS, _LOCK, _ARRAY = "journal.hrj", "checkpoint.json", "cursors.json", ".lock", "labels"
-
-
-@dataclass
-class EditRecord:
-    """One edit group (an undo step) as recorded in the journal.
-
-    Attributes
-    ----------
-    group : int
-        Group id.
-    source : str
-        ``"user"``, ``"model"`` or ``"import"``.
-    author, model_version : str or None
-    time : float
-        Unix time of its first frame.
-    frames : list of int
-        Journal sequence numbers of its edit frames.
-    undone : bool
-        Whether it is currently undone.
-    active_seq : int
-        Sequence number of the frame that last made it take effect (its last edit frame or its last redo).
-    """
-
-    group: int
-    source: str
-    author: str | None
-    model_version: str | None
-    time: float
-    frames: list[int] = field(default_factory=list)
-    undone: bool = False
-    active_seq: int = 0
-
-
-@dataclass(frozen=True)
-class Correction:
-    """A training sample from the journal: a region a person corrected, with its labels as they are now.
-
-    Attributes
-    ----------
-    seq : int
-        Cursor value: pass it as ``after=`` to `LabelStore.corrections` to get only newer samples.
-    group : int
-        The edit group it comes from (a group larger than ``max_size`` yields several samples).
-    box : Region
-        Working-level pixels.
-    region : Region
-        The level-0 pixels ``box`` covers.
-    labels : numpy.ndarray
-        ``box.shape``, the store's dtype: the current (final) labels in ``box``.
-    mask : numpy.ndarray
-        ``box.shape`` bool: pixels the group changed that still hold the value it wrote (train on these).
-    source, author, model_version : str or None
-    time : float
-        Unix time of the edit.
-    """
-
-    seq: int
-    group: int
-    box: Region
-    region: Region
-    labels: np.ndarray
-    mask: np.ndarray
-    source: str
-    author: str | None
-    model_version: str | None
-    time: float
-
-    def masked_labels(self, ignore_index: int = 255) -> np.ndarray:
-        """``labels`` where ``mask`` is True, ``ignore_index`` elsewhere (what a loss with an ignore index wants).
-
-        Semantic stores only (instance ids do not fit the uint8 ``ignore_index`` convention).
-        """
-        return np.where(self.mask, self.labels, np.asarray(ignore_index, self.labels.dtype))
 
 
 class EditGroup:
@@ -297,11 +218,11 @@ class LabelStore:
         if path.exists() and not overwrite:
             raise LabelStoreError("a label store (or file) already exists here", subject=path,
                                   hint="open it with LabelStore.open, or pass overwrite=True to replace it")
-        level = _pick_level(slide, level, mpp, model)
+        level = pick_level(slide, level, mpp, model)
         kind = kind or (getattr(model, "task", None) or "semantic")
-        if kind not in _DTYPES:
+        if kind not in DTYPES:
             raise LabelStoreError(f"kind {kind!r} is not 'semantic' or 'instance'", subject=path)
-        names, colors = _pick_classes(model, class_names, class_colors, kind, path)
+        names, colors = pick_classes(model, class_names, class_colors, kind, path)
         if not (16 <= chunk_size <= 8192):
             raise LabelStoreError(f"chunk_size={chunk_size} is outside 16..8192", subject=path)
         shape = slide.level_shapes[level]
@@ -311,7 +232,7 @@ class LabelStore:
             "created": time.time(),
             "name": name or (getattr(model, "name", "") or "labels"),
             "kind": kind,
-            "dtype": str(_DTYPES[kind]),
+            "dtype": str(DTYPES[kind]),
             "level": level,
             "shape": list(shape),
             "downsample": list(slide.downsamples[level]),
@@ -333,12 +254,12 @@ class LabelStore:
             group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
             group.attrs["napari_hrseg"] = info
             group.create_array(
-                _ARRAY, shape=tuple(shape), chunks=(chunk_size, chunk_size), dtype=_DTYPES[kind], fill_value=0,
+                ARRAY, shape=tuple(shape), chunks=(chunk_size, chunk_size), dtype=DTYPES[kind], fill_value=0,
                 compressors=zarr.codecs.ZstdCodec(level=3), config={"write_empty_chunks": False},
                 dimension_names=("y", "x"),
             )
-            Journal.create(tmp / _JOURNAL).close()
-            write_json_atomic(tmp / _CHECKPOINT, {"seq": 0, "offset": 16, "time": time.time()})
+            Journal.create(tmp / JOURNAL).close()
+            write_json_atomic(tmp / CHECKPOINT, {"seq": 0, "offset": 16, "time": time.time()})
             if path.exists():  # overwrite
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
             os.replace(tmp, path)
@@ -411,25 +332,25 @@ class LabelStore:
         self._lock = threading.RLock()
         self._file_lock: FileLock | None = None
         self._journal: Journal | None = None
-        self.info = _read_info(path)
+        self.info = read_info(path)
         if slide is not None:
             self.check_slide(slide)
         if not read_only:
             self._file_lock = _acquire_lock(path)
         try:
-            checkpoint = _read_json(path / _CHECKPOINT, {"seq": 0, "offset": 16})
-            self._journal = Journal.open(path / _JOURNAL, read_only=read_only, verify_from=int(checkpoint["offset"]))
+            checkpoint = read_json(path / CHECKPOINT, {"seq": 0, "offset": 16})
+            self._journal = Journal.open(path / JOURNAL, read_only=read_only, verify_from=int(checkpoint["offset"]))
             self._checkpoint_seq = int(checkpoint["seq"])
             if self._checkpoint_seq > self._journal.last_seq:
                 raise LabelStoreError(
                     f"the checkpoint names journal frame {self._checkpoint_seq} but the journal ends at frame "
                     f"{self._journal.last_seq}", subject=path, hint="restore the label store from a backup")
             try:
-                array = zarr.open_array(str(path / _ARRAY), mode="r" if read_only else "r+")
+                array = zarr.open_array(str(path / ARRAY), mode="r" if read_only else "r+")
             except Exception as exc:
-                raise LabelStoreError(f"the label array cannot be opened ({exc})", subject=path / _ARRAY) from exc
-            self._cache = ChunkCache(array, path / _ARRAY, max_clean_bytes=cache_bytes, on_damaged=self._rebuild_chunk)
-            self._init_history()
+                raise LabelStoreError(f"the label array cannot be opened ({exc})", subject=path / ARRAY) from exc
+            self._cache = ChunkCache(array, path / ARRAY, max_clean_bytes=cache_bytes, on_damaged=self._rebuild_chunk)
+            self._history = History()
             self._pending: EditGroup | None = None
             self._before: dict[ChunkKey, np.ndarray] = {}
             self._touched: dict[ChunkKey, list[int]] = {}
@@ -438,7 +359,7 @@ class LabelStore:
             self._last_checkpoint_time = time.monotonic()
             self._writeback_error: str | None = None
             for header in self._journal.frames:
-                self._index_frame(header)
+                self._history.index(header)
             self._replay()
         except BaseException:
             self._release()
@@ -522,12 +443,12 @@ class LabelStore:
     def instance_classes(self) -> dict[int, int]:
         """Instance stores: object id -> class index (ids not listed are class 1)."""
         with self._lock:
-            return dict(self._instance_classes)
+            return dict(self._history.instance_classes)
 
     @property
     def model_version(self) -> str | None:
         """The model version of the latest prediction written, else the one the store was created for."""
-        return self._latest_model_version or self.info.get("model_version")
+        return self._history.latest_model_version or self.info.get("model_version")
 
     @property
     def last_seq(self) -> int:
@@ -609,8 +530,8 @@ class LabelStore:
             raise LabelStoreError(f"source {source!r} is not one of {', '.join(SOURCES)}", subject=self.path)
         with self._lock:
             self._check_writable()
-            gid = self._next_group
-            self._next_group += 1
+            gid = self._history.next_group
+            self._history.next_group += 1
             g = EditGroup(self, gid, source, author, model_version)
             self._open_groups[gid] = g
             return g
@@ -658,8 +579,8 @@ class LabelStore:
     def new_instance_id(self) -> int:
         """An object id not used yet in this store (instance stores)."""
         with self._lock:
-            self._max_id += 1
-            return self._max_id
+            self._history.max_id += 1
+            return self._history.max_id
 
     # The work behind EditGroup ---------------------------------------------------------------------------
     def _write(self, group: EditGroup, box: Region, *, values: np.ndarray | None = None,
@@ -772,7 +693,7 @@ class LabelStore:
             except LabelStoreError:
                 self._restore_pending()
                 raise
-            self._index_frame(header)
+            self._history.index(header)
             group.changed_pixels += changed
             group._classes.clear()
         self._pending = None
@@ -801,11 +722,11 @@ class LabelStore:
     # ------------------------------------------------------------------ undo / redo
     def can_undo(self, source: str = "user") -> bool:
         with self._lock:
-            return bool(self._undo[source])
+            return bool(self._history.undo[source])
 
     def can_redo(self, source: str = "user") -> bool:
         with self._lock:
-            return bool(self._redo[source])
+            return bool(self._history.redo[source])
 
     def undo(self, source: str = "user") -> Region | None:
         """Undo the latest edit group of ``source`` (also one made before the store was last closed).
@@ -823,7 +744,7 @@ class LabelStore:
         with self._lock:
             self._check_writable()
             self._commit_pending()
-            stack = self._undo[source] if undo else self._redo[source]
+            stack = self._history.undo[source] if undo else self._history.redo[source]
             if not stack:
                 return None
             gid = stack[-1]
@@ -831,7 +752,7 @@ class LabelStore:
             if open_group is not None:  # e.g. undo in the middle of a long prediction run: end that group
                 open_group.closed = True
                 self._open_groups.pop(gid, None)
-            record = self._groups[gid]
+            record = self._history.groups[gid]
             originals = [e for seq in record.frames for e in self._journal.read_entries(self._journal.frame(seq))]
             applied: list[JournalEntry] = []
             for e in (reversed(originals) if undo else originals):
@@ -850,16 +771,16 @@ class LabelStore:
                 for e in reversed(applied):
                     self._put(e.box, e.old)
                 raise
-            self._index_frame(header)
+            self._history.index(header)
             self._maybe_checkpoint()
             if not applied:
                 return None
-            return _union([e.box for e in applied])
+            return union_box([e.box for e in applied])
 
     def history(self, source: str | None = None) -> list[EditRecord]:
         """Every edit group that changed labels (oldest first), optionally of one source."""
         with self._lock:
-            return [r for r in self._groups.values() if r.frames and (source is None or r.source == source)]
+            return self._history.edits(source)
 
     def _put(self, box: Region, values: np.ndarray) -> None:
         """Write straight into the cache (journalled by the caller)."""
@@ -900,30 +821,30 @@ class LabelStore:
             header = FrameHeader(seq=0, op="review", time=review.time, level=self.level, author=review.reviewer,
                                  model_version=review.model_version, extra={"review": review.to_record()})
             self._journal.append([(header, [])])  # type: ignore[union-attr]
-            self._index_frame(header)
-            return next(r for r in self._reviews.all() if r.id == header.seq)
+            self._history.index(header)
+            return next(r for r in self._history.reviews.all() if r.id == header.seq)
 
     def remove_review(self, review_id: int, *, by: str | None = None) -> None:
         """Withdraw a review mark (journalled, so the removal is durable too)."""
         with self._lock:
             self._check_writable()
-            if review_id not in self._reviews:
+            if review_id not in self._history.reviews:
                 raise LabelStoreError(f"there is no review with id {review_id}", subject=self.path)
             self._commit_pending()
             header = FrameHeader(seq=0, op="unreview", time=time.time(), level=self.level, author=by,
                                  extra={"id": int(review_id)})
             self._journal.append([(header, [])])  # type: ignore[union-attr]
-            self._index_frame(header)
+            self._history.index(header)
 
     def reviews(self, intersecting: Region | None = None) -> list[Review]:
         """Reviews whose level-0 region overlaps ``intersecting`` (all if None), oldest first."""
         with self._lock:
-            return self._reviews.intersecting(intersecting)
+            return self._history.reviews.intersecting(intersecting)
 
     def reviewed_area(self, within: Region | None = None) -> float:
         """Reviewed area in level-0 pixels² (overlaps counted once), optionally inside ``within``."""
         with self._lock:
-            return self._reviews.area(within)
+            return self._history.reviews.area(within)
 
     def reviewed_area_um2(self, within: Region | None = None) -> float | None:
         """Reviewed area in µm², or None if the slide's pixel size is unknown."""
@@ -950,7 +871,7 @@ class LabelStore:
         """
         with self._lock:
             self._commit_pending()
-            todo = sorted((r for r in self._groups.values()
+            todo = sorted((r for r in self._history.groups.values()
                            if r.source in sources and not r.undone and r.active_seq > after and r.frames),
                           key=lambda r: r.active_seq)
         for record in todo:
@@ -961,43 +882,22 @@ class LabelStore:
             entries = [e for seq in record.frames for e in self._journal.read_entries(self._journal.frame(seq))]
             if not entries:
                 return
-            union = _union([e.box for e in entries])
-            wrote = np.zeros(union.shape, self.dtype)
-            touched = np.zeros(union.shape, bool)
-            for e in entries:
-                sl = e.box.relative_to(union).slices
-                changed = e.old != e.new
-                touched[sl] |= changed
-                wrote[sl][changed] = e.new[changed]
+            union = union_box([e.box for e in entries])
             current = self._cache.read(union)
-        mask = touched & (current == wrote)
-        for tile in union.grid(max_size):
-            rel = tile.relative_to(union)
-            m = mask[rel.slices]
-            if not m.any():
-                continue
-            rows, cols = np.flatnonzero(m.any(axis=1)), np.flatnonzero(m.any(axis=0))
-            sub = Region(tile.row + int(rows[0]), tile.col + int(cols[0]), int(rows[-1] - rows[0] + 1),
-                         int(cols[-1] - cols[0] + 1))
-            srel = sub.relative_to(union)
-            yield Correction(
-                seq=record.active_seq, group=record.group, box=sub, region=self.to_level0(sub),
-                labels=current[srel.slices].copy(), mask=mask[srel.slices].copy(), source=record.source,
-                author=record.author, model_version=record.model_version, time=record.time,
-            )
+        yield from correction_samples(record, entries, current, union, self.to_level0, max_size)
 
     def cursor(self, name: str = "fine-tune") -> int:
         """A named consumer's cursor (0 if it never took anything)."""
-        return int(_read_json(self.path / _CURSORS, {}).get(name, 0))
+        return int(read_json(self.path / CURSORS, {}).get(name, 0))
 
     def set_cursor(self, name: str, seq: int) -> None:
         """Persist a named consumer's cursor (atomically)."""
         with self._lock:
             self._check_writable()
-            cursors = _read_json(self.path / _CURSORS, {})
+            cursors = read_json(self.path / CURSORS, {})
             cursors[name] = int(seq)
             try:
-                write_json_atomic(self.path / _CURSORS, cursors)
+                write_json_atomic(self.path / CURSORS, cursors)
             except OSError as exc:
                 raise LabelStoreError(f"cannot save the cursor: {describe_os_error(exc)}", subject=self.path) from exc
 
@@ -1025,12 +925,12 @@ class LabelStore:
             self.flush()
         with self._lock:
             live = bool(self._cache.dirty)
-            chunks = _LiveChunks(self) if live else DiskChunks(self.path / _ARRAY)
+            chunks = _LiveChunks(self) if live else DiskChunks(self.path / ARRAY)
             lock = self._lock if live else None
             if level == 0 and not live:
                 import zarr
 
-                labels: Any = zarr.open_array(str(self.path / _ARRAY), mode="r")
+                labels: Any = zarr.open_array(str(self.path / ARRAY), mode="r")
             else:
                 labels = level_arrays(chunks, method=self._method, n_levels=level + 1, chunk=self.chunk_size,
                                       lock=lock)[level]
@@ -1041,7 +941,7 @@ class LabelStore:
                 class_colors=self.class_colors,
                 mpp_yx=self.mpp_yx,
                 kind=self.kind,  # type: ignore[arg-type]
-                instance_classes=dict(self._instance_classes),
+                instance_classes=dict(self._history.instance_classes),
                 model_version=self.model_version,
                 slide_fingerprint=self.slide_fingerprint,
                 slide_shape=self.level0_shape,
@@ -1125,7 +1025,7 @@ class LabelStore:
         try:
             self._cache.sync()
             if seq != self._checkpoint_seq:
-                write_json_atomic(self.path / _CHECKPOINT, {"seq": seq, "offset": offset, "time": time.time()})
+                write_json_atomic(self.path / CHECKPOINT, {"seq": seq, "offset": offset, "time": time.time()})
                 self._checkpoint_seq = seq
         except Exception as exc:
             self._report_writeback_error(exc, raise_errors)
@@ -1147,52 +1047,6 @@ class LabelStore:
             ) from exc
 
     # ------------------------------------------------------------------ opening internals
-    def _init_history(self) -> None:
-        self._groups: dict[int, EditRecord] = {}
-        self._undo: dict[str, list[int]] = defaultdict(list)
-        self._redo: dict[str, list[int]] = defaultdict(list)
-        self._reviews = ReviewIndex()
-        self._instance_classes: dict[int, int] = {}
-        self._max_id = 0
-        self._next_group = 1
-        self._latest_model_version: str | None = None
-
-    def _index_frame(self, h: FrameHeader) -> None:
-        """Update the in-memory history (groups, undo stacks, reviews, instance table) with one frame."""
-        if h.op == "edit":
-            record = self._groups.get(h.group)  # type: ignore[arg-type]
-            if record is None:
-                record = EditRecord(h.group, h.source or "user", h.author, h.model_version, h.time)  # type: ignore
-                self._groups[record.group] = record
-                self._next_group = max(self._next_group, record.group + 1)
-            if h.boxes:
-                if not record.frames:  # the group's first change of labels makes it an undo step
-                    self._undo[record.source].append(record.group)
-                    self._redo[record.source].clear()  # a new edit ends what could be redone
-                record.frames.append(h.seq)
-            record.active_seq = h.seq
-            for obj, cls in h.extra.get("classes", {}).items():
-                self._instance_classes[int(obj)] = int(cls)
-                self._max_id = max(self._max_id, int(obj))
-            self._max_id = max(self._max_id, int(h.extra.get("max", 0)))
-            if record.source == "model" and h.model_version:
-                self._latest_model_version = h.model_version
-        elif h.op in ("undo", "redo"):
-            record = self._groups[h.target]  # type: ignore[index]
-            src, dst = (self._undo, self._redo) if h.op == "undo" else (self._redo, self._undo)
-            if h.target in src[record.source]:
-                src[record.source].remove(h.target)
-            dst[record.source].append(h.target)  # type: ignore[arg-type]
-            record.undone = h.op == "undo"
-            if h.op == "redo":
-                record.active_seq = h.seq
-        elif h.op == "review":
-            self._reviews.add(Review.from_record(h.seq, h.time, h.extra["review"]))
-        elif h.op == "unreview":
-            self._reviews.remove(int(h.extra["id"]))
-        else:
-            log.warning("%s: skipping journal frame %d of unknown kind %r", self.path, h.seq, h.op)
-
     def _replay(self) -> None:
         """Apply the frames after the checkpoint to the label array (see the module docstring)."""
         todo = self._journal.frames[self._checkpoint_seq:]  # type: ignore[union-attr]
@@ -1262,83 +1116,9 @@ class _LiveChunks:
 
 
 # ---------------------------------------------------------------------- helpers
-def _pick_level(slide: "Slide", level: int | None, mpp: float | None, model: Any) -> int:
-    if level is not None:
-        if not 0 <= level < slide.level_count:
-            raise LabelStoreError(f"level {level} does not exist; the slide has levels 0..{slide.level_count - 1}",
-                                  subject=slide.name)
-        return level
-    target = mpp if mpp is not None else getattr(model, "mpp", None)
-    if target is None or slide.mpp is None:
-        if mpp is not None:
-            raise LabelStoreError("the slide's pixel size is unknown, so no level can be chosen by mpp",
-                                  subject=slide.name, hint="pass level=, or open the slide with --mpp")
-        return 0
-    return slide.level_for_mpp(float(target))
-
-
-def _pick_classes(model: Any, names: Sequence[str] | None, colors: Sequence[str] | None, kind: str,
-                  subject: Path) -> tuple[list[str], list[str]]:
-    if names is None:
-        names = getattr(model, "class_names", None) or (("background", "object") if kind == "instance"
-                                                        else ("background", "class 1"))
-    if colors is None:
-        model_colors = getattr(model, "class_colors", None)
-        colors = model_colors if model_colors and len(model_colors) == len(names) else \
-            [_PALETTE[i % len(_PALETTE)] for i in range(len(names))]
-    names, colors = [str(n) for n in names], [str(c).lower() for c in colors]
-    if len(names) < 2:
-        raise LabelStoreError("a label store needs at least two classes (background first)", subject=subject)
-    if kind == "semantic" and len(names) > 255:
-        raise LabelStoreError(f"{len(names)} classes do not fit in uint8 labels", subject=subject)
-    if len(colors) != len(names):
-        raise LabelStoreError(f"{len(names)} class names but {len(colors)} colours", subject=subject,
-                              hint="give one #rrggbb colour per class, background first")
-    for c in colors:
-        if len(c) != 7 or c[0] != "#" or any(ch not in "0123456789abcdef" for ch in c[1:]):
-            raise LabelStoreError(f"colour {c!r} is not of the form #rrggbb", subject=subject)
-    if len({n.casefold() for n in names}) != len(names):
-        raise LabelStoreError(f"class names {names} are not unique", subject=subject)
-    return names, colors
-
-
-def _read_info(path: Path) -> dict[str, Any]:
-    meta = path / "zarr.json"
-    if not meta.is_file():
-        what = "no such directory" if not path.exists() else "not a label store (no zarr.json)"
-        raise LabelStoreError(what, subject=path, hint="create one with LabelStore.create(path, slide)")
-    try:
-        info = json.loads(meta.read_text())["attributes"]["napari_hrseg"]
-    except (KeyError, TypeError, json.JSONDecodeError) as exc:
-        raise LabelStoreError("a zarr group but not a napari-hrseg label store", subject=path) from exc
-    if info.get("format") != STORE_FORMAT:
-        raise LabelStoreError(f"unknown store format {info.get('format')!r}", subject=path)
-    if int(info.get("version", 0)) > STORE_VERSION:
-        raise LabelStoreError(f"store format version {info['version']} is newer than this napari-hrseg reads",
-                              subject=path, hint="upgrade napari-hrseg")
-    return info
-
-
 def _acquire_lock(path: Path) -> FileLock:
     try:
-        return FileLock(path / _LOCK)
+        return FileLock(path / LOCK)
     except OSError as exc:
         raise LabelStoreError("the label store is open for writing in another process (or another viewer)",
                               subject=path, hint="close it there, or open it here with read_only=True") from exc
-
-
-def _read_json(path: Path, default: Any) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return default
-    except json.JSONDecodeError as exc:
-        raise LabelStoreError(f"{path.name} is not valid JSON", subject=path.parent) from exc
-
-
-def _union(boxes: Sequence[Region]) -> Region:
-    r0 = min(b.row for b in boxes)
-    c0 = min(b.col for b in boxes)
-    r1 = max(b.end_row for b in boxes)
-    c1 = max(b.end_col for b in boxes)
-    return Region(r0, c0, r1 - r0, c1 - c0)
