@@ -186,7 +186,10 @@ class LabelStoreLayers:
         colors[0] = "transparent"
         cmap = DirectLabelColormap(color_dict=colors) if store.kind == "semantic" else None
         cmap_kw = {} if cmap is None else {"colormap": cmap}
-        meta = {"hrseg_label_store": str(store.path), "class_names": list(store.class_names)}
+        # What exporters (napari_hrseg._writers) and other plugins need to know about these labels.
+        meta = {"hrseg_label_store": str(store.path), "class_names": list(store.class_names),
+                "class_colors": list(store.class_colors), "kind": store.kind, "mpp_yx": store.mpp_yx,
+                "slide_fingerprint": store.slide_fingerprint}
         self.overview = None
         if overview:
             self.overview = viewer.add_labels(
