@@ -20,6 +20,15 @@ from napari_hrseg.models.refinemask_heads import (
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tensors are small: one thread avoids OpenMP hand-offs, which dominate on a shared 2-core CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ------------------------------------------------------------------------------------------ B(M, d)
 def _boundary_reference(mask: np.ndarray, d: int) -> np.ndarray:
     """A pixel is boundary when more than 10 % of its (2d+1)^2 window (outside = background) differs from it."""
@@ -234,8 +243,6 @@ def _synthetic_nuclei(n: int, size: int, seed: int):
 @pytest.fixture(scope="module")
 def trained_model():
     torch.manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: one thread avoids OpenMP hand-offs that dominate on a busy 2-core CPU
     model = create_model("refinemask", widths=(16, 24, 32, 48), depths=(1, 1, 1, 1), stem_width=16, fpn_width=32,
                          semantic_width=16, center_width=16, mask_width=24)
     x, labels, inst = _synthetic_nuclei(4, 64, seed=0)
@@ -246,7 +253,6 @@ def trained_model():
         opt.zero_grad()
         loss["loss"].backward()
         opt.step()
-    torch.set_num_threads(threads)
     model.eval()
     return model
 
