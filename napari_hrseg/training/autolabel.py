@@ -169,8 +169,9 @@ def _create_store(path: Path, shape: tuple[int, int], attrs: dict) -> tuple[zarr
 
 
 def iter_coarse_labels(model: HrsegModel, source: np.ndarray | Slide, out: str | Path, *, region: Region | None = None,
-                       threshold: float = DEFAULT_THRESHOLD, tile: int = 512, device: str | torch.device | None = None,
-                       cancel: CancelToken = None) -> Generator[AutoLabelProgress, None, CoarseLabels]:
+                       threshold: float = DEFAULT_THRESHOLD, tile: int = 512, halo: int | None = None,
+                       device: str | torch.device | None = None, cancel: CancelToken = None,
+                       ) -> Generator[AutoLabelProgress, None, CoarseLabels]:
     """Auto-label an image or a slide region tile by tile into a zarr store; a generator of progress.
 
     Parameters
@@ -187,7 +188,10 @@ def iter_coarse_labels(model: HrsegModel, source: np.ndarray | Slide, out: str |
     threshold : float
         Keep the argmax where its probability is > ``threshold``.
     tile : int
-        Core tile size in model pixels (the model's halo is read around it).
+        Core tile size in model pixels.
+    halo : int, optional
+        Context read around every tile, in model pixels (default ``model.halo``); the labels equal a whole-region
+        pass with the same surroundings when it covers the model's receptive-field reach.
     device : optional
         Where the teacher runs (default: where its weights are).
     cancel : threading.Event or callable, optional
@@ -224,7 +228,7 @@ def iter_coarse_labels(model: HrsegModel, source: np.ndarray | Slide, out: str |
         "complete": False,
     }
     group, arr = _create_store(out, grid.shape, attrs)
-    plan = list(tiles(grid.shape, tile, model.halo, model.stride))
+    plan = list(tiles(grid.shape, tile, model.halo if halo is None else halo, model.stride))
     was_training = model.training
     model.eval()
     labelled = ignored = 0
@@ -295,12 +299,18 @@ def _check_replaceable(out: Path) -> None:
 # ---------------------------------------------------------------------------------------------- storage
 @dataclass(frozen=True)
 class StorageReport:
-    """Bytes on disk of hard coarse labels vs soft probabilities of the same region, same codec and chunks."""
+    """Bytes on disk of hard coarse labels vs soft probabilities of the same region, same codec and chunks.
+
+    ``*_bytes`` count the compressed chunks (the part that grows with the region); ``*_total_bytes`` add the
+    stores' JSON metadata (about a kilobyte each, whatever the region's size).
+    """
 
     pixels: int
     classes: int
     hard_bytes: int
     soft_bytes: int
+    hard_total_bytes: int = 0
+    soft_total_bytes: int = 0
 
     @property
     def hard_bytes_per_pixel(self) -> float:
@@ -317,28 +327,32 @@ class StorageReport:
 
     def __str__(self) -> str:
         return (f"{self.pixels} px, {self.classes} classes: hard uint8 {self.hard_bytes_per_pixel:.4f} B/px, "
-                f"soft float16 {self.soft_bytes_per_pixel:.4f} B/px ({self.ratio:.1f}x larger)")
+                f"soft float16 {self.soft_bytes_per_pixel:.4f} B/px ({self.ratio:.1f}x larger; chunks only; "
+                f"with metadata {self.hard_total_bytes} vs {self.soft_total_bytes} bytes)")
 
 
-def _disk_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+def _disk_bytes(path: Path, *, chunks_only: bool) -> int:
+    files = (f for f in path.rglob("*") if f.is_file())
+    return sum(f.stat().st_size for f in files if not (chunks_only and f.name == "zarr.json"))
 
 
 def storage_report(model: HrsegModel, source: np.ndarray | Slide, *, region: Region | None = None,
-                   threshold: float = DEFAULT_THRESHOLD, tile: int = 512, workdir: str | Path | None = None) -> StorageReport:
+                   threshold: float = DEFAULT_THRESHOLD, tile: int = 512, halo: int | None = None,
+                   workdir: str | Path | None = None) -> StorageReport:
     """Write hard coarse labels and soft float16 probabilities ``(C, H, W)`` of one region with the same codec
     and chunking, and compare their size on disk (metadata included).
 
     Parameters
     ----------
-    model, source, region, threshold, tile
+    model, source, region, threshold, tile, halo
         As for `iter_coarse_labels`.
     workdir : path, optional
         Where the two temporary stores are written (default a temporary directory); they are deleted after.
     """
     tmp = Path(tempfile.mkdtemp(prefix="hrseg-storage-", dir=workdir))
     try:
-        hard = coarse_labels(model, source, tmp / "hard.zarr", region=region, threshold=threshold, tile=tile)
+        halo = model.halo if halo is None else halo
+        hard = coarse_labels(model, source, tmp / "hard.zarr", region=region, threshold=threshold, tile=tile, halo=halo)
         grid = PixelGrid.of(source, region, model.config.mpp)
         c = model.config.num_classes
         soft_group = zarr.open_group(str(tmp / "soft.zarr"), mode="w", zarr_format=3)
@@ -347,13 +361,15 @@ def storage_report(model: HrsegModel, source: np.ndarray | Slide, *, region: Reg
         was_training = model.training
         model.eval()
         try:
-            for core, window in tiles(grid.shape, tile, model.halo, model.stride):
+            for core, window in tiles(grid.shape, tile, halo, model.stride):
                 p = probabilities(model, grid.read(window))
                 soft[(slice(None),) + core.slices] = p[(slice(None),) + core.relative_to(window).slices].astype(np.float16)
         finally:
             model.train(was_training)
         h, w = grid.shape
-        return StorageReport(h * w, c, _disk_bytes(hard.path), _disk_bytes(tmp / "soft.zarr"))
+        soft_path = tmp / "soft.zarr"
+        return StorageReport(h * w, c, _disk_bytes(hard.path, chunks_only=True), _disk_bytes(soft_path, chunks_only=True),
+                             _disk_bytes(hard.path, chunks_only=False), _disk_bytes(soft_path, chunks_only=False))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

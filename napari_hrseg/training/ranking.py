@@ -98,7 +98,7 @@ def _overlap_fraction(region: Region, others: Sequence[Region]) -> float:
 @torch.no_grad()
 def rank_regions(model: HrsegModel, source: np.ndarray | Slide, regions: Iterable[Region], *, kind: str = "margin",
                  exclude: Sequence[Region] = (), exclude_overlap: float = 0.5, min_tissue: float = 0.1,
-                 top: int | None = None, cancel: CancelToken = None) -> list[RankedRegion]:
+                 top: int | None = None, halo: int | None = None, cancel: CancelToken = None) -> list[RankedRegion]:
     """Rank candidate regions by the model's uncertainty, most uncertain first.
 
     Parameters
@@ -118,6 +118,8 @@ def rank_regions(model: HrsegModel, source: np.ndarray | Slide, regions: Iterabl
         Candidates with a smaller share of tissue are skipped.
     top : int, optional
         Return only the best ``top``.
+    halo : int, optional
+        Context read around each region, in model pixels (default ``model.halo``).
     cancel : threading.Event or callable, optional
         Checked between regions; raises `Cancelled`.
 
@@ -142,7 +144,7 @@ def rank_regions(model: HrsegModel, source: np.ndarray | Slide, regions: Iterabl
             h, w = grid.shape
             unc = np.empty((h, w), np.float32)
             tissue = np.empty((h, w), bool)
-            for core, window in tiles((h, w), 512, model.halo, model.stride):
+            for core, window in tiles((h, w), 512, model.halo if halo is None else halo, model.stride):
                 pixels = grid.read(window)
                 p = probabilities(model, pixels)
                 inner = core.relative_to(window).slices
