@@ -37,7 +37,7 @@ shrink, then samples them at the global cells whose centres fall inside the box.
 - ``0`` (default): everything jointly, the paper's formulation (main loss on the aggregation plus auxiliary
   losses): ``FL(agg) + FL(local) + FL(global_l2g) + FL(global) + 0.15 * MSE``.
 
-Use `trainable_parameters` for the optimiser: frozen parts of a mode get no gradient.  Whichever mode ran
+Setting ``train_mode`` (alias ``train_phase``) switches ``requires_grad`` so that only the mode's parts train.  Whichever mode ran
 ``loss`` last in training sets the persistent buffer ``inference_stage`` (saved with the weights), so an eval
 forward runs the pipeline those weights were fitted for: 1 = global only, 2 = G->L + aggregation,
 3 = the full bidirectional pipeline (also for mode 0 and for an untrained model).
@@ -307,12 +307,21 @@ class GLNet(HrsegModel):
         self.aggregate = nn.Conv2d(8 * p["head_width"], nc, 3, padding=1)
         self.register_buffer("inference_stage", torch.tensor(3, dtype=torch.long))
         self._train_mode = 0
+        self.train_mode = 0
 
     # ------------------------------------------------------------------------------------------ modes
+    #: The training modes, for code that walks every phase (the model contract test, recipes).
+    train_phases = (0, 1, 2, 3)
+
     @property
     def train_mode(self) -> int:
         """0 = joint (default), 1 = global only, 2 = G->L with the global branch frozen, 3 = L->G with the
-        local branch (and the global encoder) frozen."""
+        local branch (and the global encoder) frozen.
+
+        Setting it sets ``requires_grad`` on exactly the parameters the mode trains (frozen and unused parts
+        get ``False``, so an optimiser over ``requires_grad`` parameters does the right thing) and keeps frozen
+        parts in eval mode.
+        """
         return self._train_mode
 
     @train_mode.setter
@@ -321,7 +330,19 @@ class GLNet(HrsegModel):
             raise ModelError(f"GLNet train_mode {mode!r} is not 0, 1, 2 or 3", subject=self.config.arch,
                              hint="0 joint, 1 global, 2 global-to-local, 3 local-to-global")
         self._train_mode = int(mode)
+        self.requires_grad_(False)
+        for m in self._trained():
+            m.requires_grad_(True)
         self.train(self.training)  # re-apply eval mode to the parts this mode freezes
+
+    @property
+    def train_phase(self) -> int:
+        """Alias of `train_mode` (the name other multi-phase models use)."""
+        return self._train_mode
+
+    @train_phase.setter
+    def train_phase(self, mode: int) -> None:
+        self.train_mode = mode
 
     def _frozen(self) -> list[nn.Module]:
         if self._train_mode == 2:
@@ -339,8 +360,8 @@ class GLNet(HrsegModel):
         }[self._train_mode]
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """Parameters the current ``train_mode`` trains (give these to the optimiser)."""
-        return [q for m in self._trained() for q in m.parameters()]
+        """Parameters the current ``train_mode`` trains (those with ``requires_grad``)."""
+        return [q for q in self.parameters() if q.requires_grad]
 
     def train(self, mode: bool = True) -> "GLNet":
         super().train(mode)
