@@ -144,3 +144,35 @@ def test_merge_and_input_errors(teacher):
         next(fine_tune(teacher, [Sample(image, np.full((8, 8), IGNORE_INDEX, np.uint8))]))
     with pytest.raises(TrainingError, match="class 5"):
         next(fine_tune(teacher, [Sample(image, np.full((8, 8), 5, np.uint8))]))
+
+
+def test_corrections_from_a_label_store_feed_fine_tuning(tmp_path):
+    """Corrections painted into a real label store of the virtual slide become aligned samples at the model's
+    pixel size, with unknown context around them, and fine-tune a model."""
+    from napari_hrseg.geometry import Region
+    from napari_hrseg.labels import LabelStore
+    from napari_hrseg.training.finetune import corrections_from_store
+    from napari_hrseg.virtual import virtual_slide
+
+    vs = virtual_slide(0, size=2048)
+    store = LabelStore.create(tmp_path / "s.hrseg-labels", vs.slide, mpp=1.0, class_names=vs.class_names,
+                              class_colors=vs.class_colors)
+    try:
+        values = np.full((40, 50), 3, np.uint8)
+        values[:10] = 1
+        store.write(Region(100, 200, 40, 50), values)  # working level = 1 µm/px
+        samples, cursor = corrections_from_store(store, vs.slide, 1.0, context=16)
+        assert len(samples) == 1 and cursor >= 1
+        s = samples[0]
+        assert s.shape == (72, 82) and np.array_equal(s.labels[16:56, 16:66], values)
+        assert np.count_nonzero(s.labels != IGNORE_INDEX) == values.size
+        expected = vs.slide.read(Region(168, 368, 144, 164), level=1)
+        assert np.abs(s.image.astype(int) - expected.astype(int)).max() <= 1
+        assert corrections_from_store(store, vs.slide, 1.0, after=cursor)[0] == []
+    finally:
+        store.close()
+    torch.manual_seed(0)
+    model = create_model("fpn", num_classes=len(vs.class_names), mpp=1.0, widths=(16, 32, 64, 128), fpn_width=32,
+                         head_width=32).eval()
+    events, student = _drain(fine_tune(model, samples, "teacher", steps=3, crop=64, batch_size=2))
+    assert isinstance(events[-1], FineTuneFinished) and student.config.version == "2"

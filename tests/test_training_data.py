@@ -224,3 +224,18 @@ def test_open_label_pyramid_refuses_what_is_not_labels(tmp_path):
         open_label_pyramid(tmp_path / "empty.zarr")
     with pytest.raises(TrainingError, match="cannot open as zarr"):
         open_label_pyramid(tmp_path / "missing.zarr")
+
+
+def test_virtual_slide_ground_truth_as_a_source():
+    """The virtual slide's semantic and instance pyramids read at 2 µm/px come from its level 2, on its pixels."""
+    from napari_hrseg.virtual import virtual_slide
+
+    vs = virtual_slide(0, size=2048)
+    source = SlideSource(vs.slide, vs.semantic, vs.instances, key="virtual")
+    assert source.size_at(2.0) == (512, 512) and source.has_instances
+    crop = source.read(Region(100, 140, 64, 96), 2.0)
+    assert np.array_equal(crop.labels, vs.semantic[2][100:164, 140:236].compute())
+    assert np.array_equal(crop.instances, vs.instances[2][100:164, 140:236].compute())
+    assert np.array_equal(crop.image, vs.slide.levels[2][100:164, 140:236].compute())
+    train, val = split_by_image([source], 0.25, seed=0)
+    assert len(train) == 3 and len(val) == 1 and len(dataset_fingerprint([source])) == 16

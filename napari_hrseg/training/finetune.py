@@ -52,7 +52,14 @@ from .predict import PixelGrid, predict_probabilities
 from .samples import Sample
 from .trainer import PhaseStarted, TrainConfig, TrainingFinished, TrainStep, Validated, train
 
-__all__ = ["fine_tune", "FineTuneFinished", "merge_corrections", "corrected_accuracy", "teacher_coarse_labels"]
+__all__ = [
+    "fine_tune",
+    "FineTuneFinished",
+    "merge_corrections",
+    "corrected_accuracy",
+    "teacher_coarse_labels",
+    "corrections_from_store",
+]
 
 log = logging.getLogger(__name__)
 
@@ -263,6 +270,59 @@ def fine_tune(model: HrsegModel, corrections: Iterable[Sample], coarse_labels: I
     done = FineTuneFinished(student, path, student.config.version, before, after, finished.steps, finished.seconds)
     yield done
     return student
+
+
+def corrections_from_store(store, slide, mpp: float, *, after: int = 0, context: int = 0,
+                           sources: Sequence[str] = ("user",), max_size: int = 1024) -> tuple[list[Sample], int]:
+    """User corrections of a `napari_hrseg.labels.LabelStore` as `Sample`s at the model's pixel size.
+
+    Parameters
+    ----------
+    store : LabelStore
+        A semantic label store of ``slide`` (its ``corrections`` journal queue is read).
+    slide : Slide
+        The slide the store belongs to (checked by fingerprint).
+    mpp : float
+        The model's pixel size in µm.
+    after : int
+        Cursor: only corrections newer than this journal sequence number (``store.cursor("fine-tune")``).
+    context : int
+        Pixels (at ``mpp``) of surrounding tissue added on each side with unknown labels, so that
+        ``coarse_labels="teacher"`` can fill them with the teacher's confident predictions.
+    sources, max_size
+        Passed to ``store.corrections``.
+
+    Returns
+    -------
+    (samples, cursor)
+        The samples (labels: the corrected classes where the user's edit still holds, `IGNORE_INDEX` elsewhere)
+        and the sequence number to store with ``store.set_cursor("fine-tune", cursor)`` once they are used.
+    """
+    from .resample import read_array_box
+
+    if store.kind != "semantic":
+        raise TrainingError("fine-tuning from an instance label store is not supported yet", subject=store.name,
+                            hint="use a semantic store")
+    store.check_slide(slide)
+    if slide.mpp is None:
+        raise TrainingError("the slide's pixel size is unknown", subject=slide.name)
+    dy, dx = store.downsample
+    fy, fx = mpp / slide.mpp_yx[0], mpp / slide.mpp_yx[1]
+    samples, cursor = [], after
+    for c in store.corrections(after, sources=sources, max_size=max_size):
+        cursor = max(cursor, c.seq)
+        grow = (int(np.ceil(context * fy)), int(np.ceil(context * fx)))
+        region0 = c.region.expand(grow)
+        grid = PixelGrid.of(slide, region0, mpp)
+        masked = c.masked_labels(IGNORE_INDEX).astype(np.uint8)
+        # The grid's level-0 box in the correction's working-level pixels (sub-pixel exact, nearest labels).
+        box = (region0.row / dy - c.box.row, region0.col / dx - c.box.col,
+               region0.end_row / dy - c.box.row, region0.end_col / dx - c.box.col)
+        labels = read_array_box(lambda a, b, e, f: masked[a:b, e:f], masked.shape, box, grid.shape, nearest=True,
+                                fill=IGNORE_INDEX, dtype=np.uint8)
+        image = grid.read(Region.from_shape(grid.shape))
+        samples.append(Sample(image, labels, key=f"{store.name}#{c.group}@{region0}"))
+    return samples, cursor
 
 
 def _at_model_mpp(sample: Sample, model: HrsegModel) -> Sample:
