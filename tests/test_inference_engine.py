@@ -29,7 +29,9 @@ from napari_hrseg.inference.resample import softmax_summary, warp_to_grid
 from napari_hrseg.models import create_model
 from napari_hrseg.slide import Slide, open_slide
 
-from test_inference_support import CMU1, CMU1_PYRAMID, SMALL_FPN
+from test_inference_support import one_torch_thread, CMU1, CMU1_PYRAMID, SMALL_FPN  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---------------------------------------------------------------------- devices

@@ -3,7 +3,7 @@ inference, whole-slide and CLI tests; and a test that it really learned somethin
 can fail when inference is wrong).
 
 Training data: the CMU-1 slide at 2 µm/px (its level 2, 741 x 555 px) with targets from tissue detection
-(`detect_tissue`, 16 µm/px, upsampled).  40 Adam steps of 4 random 128-px crops, seeded: a few seconds on a
+(`detect_tissue`, 16 µm/px, upsampled).  30 Adam steps of 4 random 128-px crops, seeded: a few seconds on a
 2-core CPU, trained once per test process (`functools.lru_cache`).
 """
 
@@ -13,6 +13,7 @@ import functools
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from napari_hrseg.geometry import Region
@@ -27,6 +28,7 @@ from conftest import REALDATA
 CMU1 = REALDATA / "aperio-svs" / "CMU-1-Small-Region.svs"
 CMU1_PYRAMID = REALDATA / "derived-from-cmu1" / "CMU-1-Small-Region.vips-pyramid.tif"
 MODEL_MPP = 2.0
+STEPS, CROP = 30, 128
 SMALL_FPN = dict(widths=(8, 16, 24, 32), depths=(1, 1, 1, 1), stem_width=8, fpn_width=16, head_width=16)
 
 
@@ -38,8 +40,30 @@ def tissue_targets(slide, grid: PixelGrid) -> np.ndarray:
     return tissue.mask[rows[:, None], cols[None, :]].astype(np.int64)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Run a module's small tensors on one torch thread (restored after).
+
+    Tiles of a few hundred pixels gain nothing from a second thread, and on a busy 2-core CI runner OpenMP's
+    barriers made each step several times slower with two threads than with one.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @functools.lru_cache(maxsize=1)
 def _trained_state() -> tuple[dict, dict]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train()
+    finally:
+        torch.set_num_threads(before)
+
+
+def _train() -> tuple[dict, dict]:
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     slide = open_slide(CMU1)
@@ -50,8 +74,8 @@ def _trained_state() -> tuple[dict, dict]:
     target = tissue_targets(slide, grid)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     model.train()
-    crop = 128
-    for _ in range(40):
+    crop = CROP
+    for _ in range(STEPS):
         rs = rng.integers(0, image.shape[0] - crop, 4)
         cs = rng.integers(0, image.shape[1] - crop, 4)
         pix = np.stack([image[r : r + crop, c : c + crop] for r, c in zip(rs, cs)])
@@ -79,6 +103,9 @@ def trained_tissue_model():
 def iou(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a.astype(bool), b.astype(bool)
     return float((a & b).sum() / max(1, (a | b).sum()))
+
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_trained_tissue_model_separates_tissue_from_glass(realdata):
