@@ -267,7 +267,9 @@ class Slide:
         """
         kwargs: dict[str, Any] = {
             "name": self.name,
-            "multiscale": len(self.levels) > 1,
+            # always a list of levels (as_layer_data), so always multiscale: napari takes a one-level list as
+            # a list unless told it is multiscale
+            "multiscale": True,
             "rgb": self.is_rgb,
             "metadata": {"hrseg_slide": self, "mpp_yx": self.mpp_yx, "path": str(self.path) if self.path else None},
         }
