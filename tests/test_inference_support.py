@@ -9,6 +9,7 @@ Training data: the CMU-1 slide at 2 µm/px (its level 2, 741 x 555 px) with targ
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from pathlib import Path
 
@@ -40,6 +41,16 @@ def tissue_targets(slide, grid: PixelGrid) -> np.ndarray:
     return tissue.mask[rows[:, None], cols[None, :]].astype(np.int64)
 
 
+@contextlib.contextmanager
+def single_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Run a module's small tensors on one torch thread (restored after).
@@ -47,35 +58,41 @@ def one_torch_thread():
     Tiles of a few hundred pixels gain nothing from a second thread, and on a busy 2-core CI runner OpenMP's
     barriers made each step several times slower with two threads than with one.
     """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with single_thread():
+        yield
 
 
 @functools.lru_cache(maxsize=1)
 def _trained_state() -> tuple[dict, dict]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with single_thread():
         return _train()
-    finally:
-        torch.set_num_threads(before)
 
 
 def _train() -> tuple[dict, dict]:
-    torch.manual_seed(0)
-    rng = np.random.default_rng(0)
     slide = open_slide(CMU1)
-    model = create_model("fpn", num_classes=2, class_names=("glass", "tissue"), mpp=MODEL_MPP, **SMALL_FPN)
-    model.config = model.config.evolve(name="tissue-test")  # create_model's first argument is the architecture
     grid = PixelGrid.for_mpp(slide, MODEL_MPP)
-    image = grid.read(slide, grid.extent)
-    target = tissue_targets(slide, grid)
+    model = train_fpn(grid.read(slide, grid.extent), tissue_targets(slide, grid), ("glass", "tissue"), MODEL_MPP)
+    model.config = model.config.evolve(name="tissue-test")
+    return model.config.to_dict(), {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def train_fpn(image: np.ndarray, target: np.ndarray, class_names: tuple[str, ...], mpp: float, *, steps: int = STEPS,
+              crop: int = CROP, seed: int = 0):
+    """Train the small FPN briefly (``steps`` Adam steps of 4 random crops with flips) on one image.
+
+    Parameters
+    ----------
+    image : numpy.ndarray
+        ``(H, W, 3)`` uint8 pixels at ``mpp``.
+    target : numpy.ndarray
+        ``(H, W)`` int64 class per pixel.
+    """
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    model = create_model("fpn", num_classes=len(class_names), class_names=class_names, mpp=mpp, **SMALL_FPN)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     model.train()
-    crop = CROP
-    for _ in range(STEPS):
+    for _ in range(steps):
         rs = rng.integers(0, image.shape[0] - crop, 4)
         cs = rng.integers(0, image.shape[1] - crop, 4)
         pix = np.stack([image[r : r + crop, c : c + crop] for r, c in zip(rs, cs)])
@@ -88,8 +105,7 @@ def _train() -> tuple[dict, dict]:
         opt.zero_grad()
         loss.backward()
         opt.step()
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return model.config.to_dict(), state
+    return model.eval()
 
 
 def trained_tissue_model():

@@ -13,6 +13,10 @@ from napari_hrseg.geometry import Region
 from napari_hrseg.models import create_model, to_input_tensor
 from napari_hrseg.tiling import Stitcher, Tiler, blend_window, estimate_halo, round_up
 
+from test_inference_support import one_torch_thread  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 # ---------------------------------------------------------------------- geometry
 @pytest.mark.parametrize(
