@@ -55,6 +55,7 @@ class GlandTable:
     lumen_ratio : float32 ``(n,)``
     tumour : bool ``(n,)``
     atypia : float32 ``(n,)`` in ``[0, 1]``
+    cell_id : int64 ``(n,)``, the cell's number on the slide (stable; seeds the gland's rim objects)
     """
 
     cy0: int
@@ -71,6 +72,7 @@ class GlandTable:
     lumen_ratio: np.ndarray
     tumour: np.ndarray
     atypia: np.ndarray
+    cell_id: np.ndarray
 
     def flat_index(self, cy: np.ndarray, cx: np.ndarray) -> np.ndarray:
         return (cy - self.cy0) * self.nx + (cx - self.cx0)
@@ -189,9 +191,15 @@ class TissueLayout:
     def aggregate_noise(self) -> Octaves:
         return octaves(self.px(250.0), self.px(30.0), gain=0.5, first=0.6)
 
-    @property
-    def orientation_noise(self) -> Octaves:
-        return octaves(self.px(400.0), self.px(50.0), gain=0.6, first=0.7)
+    _ORIENTATION_WAVES = 6
+
+    def _orientation_waves(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Wave vectors ``(ky, kx)`` (rad per level-0 px) and phases of the orientation field's plane waves."""
+        k = np.arange(self._ORIENTATION_WAVES)
+        u = lambda j: hash_uniform(self.seed, Stream.ORIENT, k, j)
+        wavelength = self.px(250.0 + 350.0 * u(0))
+        direction = np.pi * u(1)
+        return (_TWO_PI / wavelength * np.sin(direction), _TWO_PI / wavelength * np.cos(direction), _TWO_PI * u(2))
 
     @property
     def roughness_noise(self) -> Octaves:
@@ -229,9 +237,25 @@ class TissueLayout:
         """Lymphoid-aggregate field: aggregates where it exceeds about 0.65 (a few per cent of the tissue)."""
         return sample_field(self.seed, Stream.LYMPH, self.aggregate_noise, gy, gx, box=box)
 
-    def orientation(self, gy: AxisGrid, gx: AxisGrid, box: bool = True) -> FieldSample:
-        """Collagen orientation field: > 0 where fibres run along x, < 0 where they run along y."""
-        return sample_field(self.seed, Stream.ORIENT, self.orientation_noise, gy, gx, box=box)
+    def orientation_at(self, py: np.ndarray, px: np.ndarray) -> np.ndarray:
+        """Collagen orientation field at points (level-0 px): > 0 where fibres run along x, < 0 along y.
+
+        A sum of six plane waves (wavelengths 250-600 µm, random directions): smooth, and exact at any point for
+        the price of six cosines, so a fibroblast's orientation can be recomputed by anyone who needs its shape
+        (the lymphocytes that must not overlap it).  Values are of order 1.
+        """
+        ky, kx, phase = self._orientation_waves()
+        py = np.asarray(py, dtype=np.float64)[..., None]
+        px = np.asarray(px, dtype=np.float64)[..., None]
+        return (np.cos(py * ky + px * kx + phase).sum(axis=-1) / math.sqrt(self._ORIENTATION_WAVES / 2)).astype(np.float32)
+
+    def orientation(self, gy: AxisGrid, gx: AxisGrid) -> np.ndarray:
+        """`orientation_at` on the centres of a grid, ``(ny, nx)`` float32 (separable: cos(a+b) expanded)."""
+        ky, kx, phase = self._orientation_waves()
+        a = gy.centres[:, None] * ky + phase  # (ny, K)
+        b = gx.centres[:, None] * kx  # (nx, K)
+        total = np.einsum("yk,xk->yx", np.cos(a), np.cos(b)) - np.einsum("yk,xk->yx", np.sin(a), np.sin(b))
+        return (total / math.sqrt(self._ORIENTATION_WAVES / 2)).astype(np.float32)
 
     # ------------------------------------------------------------------ derived indicators (shared by the
     # nuclei's acceptance and the renderer's expected densities, so both regimes agree)
@@ -257,7 +281,7 @@ class TissueLayout:
 
     def nuclear_zone_start(self, atypia: np.ndarray) -> np.ndarray:
         """Depth where a gland's nuclei start (they end at ``nuclear_zone_end``): atypical glands stratify."""
-        return (self.params.nuclear_zone_start_normal - 0.5 * atypia).astype(np.float32)
+        return (self.params.nuclear_zone_start_normal - 0.55 * atypia).astype(np.float32)
 
     # ------------------------------------------------------------------ glands
     def gland_table(self, cy0: int, cy1: int, cx0: int, cx1: int) -> GlandTable:
@@ -308,12 +332,29 @@ class TissueLayout:
             raise AssertionError("gland parameters let a gland reach beyond its 3x3 cell neighbourhood")
 
         flat = lambda a: np.ascontiguousarray(np.broadcast_to(a, (ny, nx) + a.shape[2:]).reshape((ny * nx,) + a.shape[2:]))
+        cell_id = (iy + 2) * self.gland_grid_cols + (ix + 2)
         return GlandTable(
             cy0, cx0, ny, nx,
             present=flat(present), centre_y=flat(centre_y), centre_x=flat(centre_x), radius=flat(radius),
             reach=flat(reach), outer=flat(outer), lumen=flat(lumen), lumen_ratio=flat(lumen_ratio),
-            tumour=flat(tumour), atypia=flat(atypia),
+            tumour=flat(tumour), atypia=flat(atypia), cell_id=flat(cell_id.astype(np.int64)),
         )
+
+    @property
+    def gland_grid_cols(self) -> int:
+        """Gland cells per row of the slide, with two cells of margin each side (glands reach in from outside)."""
+        return int(math.ceil(self.width / self.gland_cell)) + 4
+
+    @property
+    def gland_grid_rows(self) -> int:
+        return int(math.ceil(self.height / self.gland_cell)) + 4
+
+    @staticmethod
+    def radii_at(table: GlandTable, g: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Outline and lumen radii (px) of glands ``g`` in directions ``z = e^{iθ}`` (broadcastable arrays)."""
+        _, r_out, r_in = _shape(z.imag.astype(np.float32), z.real.astype(np.float32), table.radius[g],
+                                table.outer[g], table.lumen[g], table.lumen_ratio[g])
+        return r_out, r_in
 
     def table_for(self, y0: float, y1: float, x0: float, x1: float, ring: int = 1) -> GlandTable:
         """The gland table covering level-0 box ``[y0, y1) x [x0, x1)`` plus ``ring`` cells around it."""

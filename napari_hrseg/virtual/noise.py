@@ -16,8 +16,8 @@ need: a soft threshold becomes a coverage (`coverage_above`) and an exponential 
 correction (`stain`).
 
 *Cost.*  The kernel is a sum of two separable terms, so sampling a grid is two banded one-dimensional passes per
-term; they are done with row gathers and fused multiply-adds in float32, never with BLAS, whose threads thrash on
-a loaded two-core machine.
+term: a gather and an ``einsum`` contraction in float32 each, never BLAS, whose threads thrash on a loaded
+two-core machine.
 
 Units: positions and wavelengths in level-0 pixels; amplitudes are standard deviations of the octave.
 """
@@ -170,21 +170,13 @@ def _axis_weights(grid: AxisGrid, wavelength: float, box: bool) -> _AxisWeights:
 
 def _along_columns(lattice: np.ndarray, w: _AxisWeights, kernel: np.ndarray) -> np.ndarray:
     """``lattice (my, mx) -> (my, nx)``: interpolate every lattice row at the column samples."""
-    out = np.zeros((lattice.shape[0], kernel.shape[0]), dtype=np.float32)
-    tmp = np.empty_like(out)
-    for s in range(kernel.shape[1]):
-        np.take(lattice, w.cols[:, s], axis=1, out=tmp)
-        tmp *= kernel[None, :, s]
-        out += tmp
-    return out
+    # One gather and one contraction (einsum without BLAS): several times faster than a loop over the support.
+    return np.einsum("mxs,xs->mx", lattice[:, w.cols], kernel)
 
 
-def _along_rows(rows: np.ndarray, w: _AxisWeights, kernel: np.ndarray, out: np.ndarray, tmp: np.ndarray) -> None:
-    """``out += interpolate(rows (my, nx)) at the row samples`` (in place, float32)."""
-    for s in range(kernel.shape[1]):
-        np.take(rows, w.cols[:, s], axis=0, out=tmp)
-        tmp *= kernel[:, s, None]
-        out += tmp
+def _along_rows(rows: np.ndarray, w: _AxisWeights, kernel: np.ndarray) -> np.ndarray:
+    """``rows (my, nx) -> (ny, nx)``: interpolate at the row samples."""
+    return np.einsum("ns,nsx->nx", kernel, rows[w.cols])
 
 
 @lru_cache(maxsize=4096)
@@ -236,7 +228,6 @@ def sample_field(
     """
     step = max(gy.step, gx.step)
     total = np.zeros((gy.n, gx.n), dtype=np.float32)
-    tmp = np.empty_like(total)
     removed = 0.0
     for k, (wl, amp) in enumerate(zip(field.wavelengths, field.amplitudes)):
         if amp == 0.0:
@@ -257,8 +248,8 @@ def sample_field(
         grad_y -= np.float32(0.5)
         grad_y *= scale
         # term 1: a * G(u) B(v); term 2: b * B(u) G(v)   (u along columns/x, v along rows/y)
-        _along_rows(_along_columns(grad_x, wx, wx.wg), wy, wy.wb, total, tmp)
-        _along_rows(_along_columns(grad_y, wx, wx.wb), wy, wy.wg, total, tmp)
+        total += _along_rows(_along_columns(grad_x, wx, wx.wg), wy, wy.wb)
+        total += _along_rows(_along_columns(grad_y, wx, wx.wb), wy, wy.wg)
     return FieldSample(total, float(removed))
 
 

@@ -1,18 +1,19 @@
-"""Nuclei: one candidate per cell of a staggered grid, accepted or not by the tissue it falls in.
+"""Stromal nuclei: one candidate per cell of a staggered grid, accepted or not by the tissue it falls in.
 
-Each `NucleusLayer` (epithelial, lymphocyte, stromal) has its own grid of square cells whose odd rows are shifted
+Each `NucleusLayer` (lymphocytes, fibroblast-like) has its own grid of square cells whose odd rows are shifted
 by half a cell (a brick pattern, so the nuclei do not line up in columns).  A cell draws one candidate ellipse
 from `hashing` and keeps it entirely inside the cell (a margin of ``MARGIN_PX`` level-0 pixels included), so:
 
 - a pixel can only be covered by the candidate of its own cell: rendering and labelling cost one candidate per
   pixel and layer, at any level;
-- nuclei of one layer never overlap; different layers may (a lymphocyte over a fibroblast), and the pixel's
-  label goes to the first layer in `LABEL_PRIORITY` whose nucleus contains its centre.
+- nuclei of one layer never overlap, and a lymphocyte candidate that would touch a fibroblast-like candidate
+  (accepted or not: its shape alone is known everywhere) is dropped, so no two stromal nuclei overlap; nor do
+  they reach into the glands, whose nuclei are laid out separately (`epithelium`).
 
-Whether a candidate exists depends on where its centre falls: epithelial nuclei in their gland's nuclear zone
-(basal in normal crypts, stratified in atypical glands), lymphocytes and fibroblast-like nuclei in stroma, with
-probabilities set by the slide's fields (`TissueLayout.lymph_probability`, ...).  Smooth fields are evaluated at
-the cell centres; the gland geometry exactly at the candidate centre.
+Whether a candidate exists depends on where its centre falls: in stroma (outside every gland, inside the tissue),
+with probabilities set by the slide's fields (`TissueLayout.lymph_probability`, ...).  Smooth fields are evaluated
+at the cell centres, the gland geometry exactly at the candidate centre.  Epithelial nuclei are laid out per
+gland instead (`epithelium`).
 
 Instance ids are ``1 + offset(layer) + row * n_cols(layer) + col``: unique over the slide, the same from every
 chunk and level.
@@ -31,13 +32,11 @@ from .layout import GlandTable, TissueLayout
 from .noise import AxisGrid
 from .params import NUCLEUS_LAYERS, NucleusLayer
 
-__all__ = ["NucleusGrid", "Candidates", "nucleus_grids", "NucleiOnGrid", "render_nuclei", "label_nuclei", "LABEL_PRIORITY"]
+__all__ = ["NucleusGrid", "Candidates", "nucleus_grids", "NucleiOnGrid", "render_nuclei", "label_nuclei"]
 
 #: Nuclei keep this far (level-0 px) from their cell's edges, so their anti-aliased rim stays inside the cell at
 #: every level where they are drawn explicitly (downsample <= 2 * MARGIN_PX).
 MARGIN_PX = 2.0
-#: Label priority (layer indices) where nuclei of two layers overlap: lymphocytes, then epithelial, then stromal.
-LABEL_PRIORITY = (1, 2, 0, 3)
 _INT32_MAX = 2**31 - 1
 
 
@@ -119,7 +118,6 @@ class CellFields:
     tumour: np.ndarray
     mucosa: np.ndarray
     aggregate: np.ndarray
-    orientation: np.ndarray
 
 
 def _draw(layout: TissueLayout, grid: NucleusGrid, cy: np.ndarray, cx: np.ndarray, k: int) -> np.ndarray:
@@ -130,58 +128,102 @@ def _lerp(lohi: tuple[float, float], u: np.ndarray) -> np.ndarray:
     return np.float32(lohi[0]) + np.float32(lohi[1] - lohi[0]) * u
 
 
-def draw_candidates(
-    layout: TissueLayout, grid: NucleusGrid, table: GlandTable, cy: np.ndarray, cx: np.ndarray, fields: CellFields
-) -> Candidates:
-    """Draw and accept the candidates of cells ``(cy, cx)`` (flat int arrays).
+@dataclass
+class _Shapes:
+    y: np.ndarray
+    x: np.ndarray
+    a: np.ndarray
+    b: np.ndarray
+    theta: np.ndarray
+    bound: np.ndarray
 
-    Acceptance is staged from cheap to dear: the random draw against the fields' probability first, the gland
-    geometry at the candidate centre only for the survivors.
-    """
+
+def _positions(layout: TissueLayout, grid: NucleusGrid, cy: np.ndarray, cx: np.ndarray):
+    """Centre ``(y, x)``, long semi-axis ``a`` and bounding radius of the candidates of cells ``(cy, cx)``."""
     layer = grid.layer
     s = grid.cell
-    a0 = layout.px(1.0) * _lerp(layer.long_um, _draw(layout, grid, cy, cx, 1))
-    b0 = layout.px(1.0) * _lerp(layer.short_um, _draw(layout, grid, cy, cx, 2))
-    # Keep the largest ellipse this candidate could become inside its cell: its position does not depend on the
-    # gland it lands in (which would be circular).
-    bound = a0 * np.float32(1.0 + layer.size_gain) + np.float32(MARGIN_PX)
+    a = layout.px(1.0) * _lerp(layer.long_um, _draw(layout, grid, cy, cx, 1))
+    bound = a + np.float32(MARGIN_PX)
     room = np.maximum(np.float32(s) - 2.0 * bound, 0.0)
     y = cy * s + bound + room * _draw(layout, grid, cy, cx, 3)
     x = cx * s + grid.shift(cy) + bound + room * _draw(layout, grid, cy, cx, 4)
+    return y, x, a, bound
+
+
+def _shapes(layout: TissueLayout, grid: NucleusGrid, cy: np.ndarray, cx: np.ndarray) -> _Shapes:
+    """Position, semi-axes and orientation of the candidates of cells ``(cy, cx)``: a function of the cell alone."""
+    layer = grid.layer
+    s = grid.cell
+    y, x, a, bound = _positions(layout, grid, cy, cx)
+    b = layout.px(1.0) * _lerp(layer.short_um, _draw(layout, grid, cy, cx, 2))
+    turn = _draw(layout, grid, cy, cx, 5) - np.float32(0.5)
+    if layer.kind == "stromal":  # along the collagen: the orientation field at the cell centre, give or take
+        centre_y = (cy + 0.5) * s
+        centre_x = (cx + 0.5) * s + grid.shift(cy)
+        theta = np.where(layout.orientation_at(centre_y, centre_x) > 0, 0.0, 0.5 * math.pi) + 0.7 * turn
+    else:
+        theta = np.float32(2.0 * math.pi) * turn
+    return _Shapes(y, x, a, b, theta.astype(np.float32), bound)
+
+
+def _touches(layout: TissueLayout, blocker: NucleusGrid, y: np.ndarray, x: np.ndarray, radius: np.ndarray) -> np.ndarray:
+    """Whether discs ``(y, x, radius)`` touch any candidate ellipse of ``blocker`` (accepted or not)."""
+    hit = np.zeros(y.shape, dtype=bool)
+    for dy in (-1, 0, 1):
+        cy = blocker.rows(y) + dy
+        for dx in (-1, 0, 1):
+            cx = blocker.cols(cy, x) + dx
+            by, bx, ba, _ = _positions(layout, blocker, cy, cx)
+            r = radius + np.float32(1.0)  # one pixel of clearance
+            near = (np.abs(by - y) < ba + r) & (np.abs(bx - x) < ba + r) & ~hit
+            idx = np.flatnonzero(near)
+            if idx.size == 0:
+                continue
+            sh = _shapes(layout, blocker, cy[idx], cx[idx])
+            ddy = (y[idx] - sh.y).astype(np.float32)
+            ddx = (x[idx] - sh.x).astype(np.float32)
+            co, si = np.cos(sh.theta), np.sin(sh.theta)
+            # the disc touches the ellipse if its centre is inside the ellipse grown by the disc's radius (a
+            # slightly generous test: the grown ellipse contains the true parallel curve)
+            u = (ddx * co + ddy * si) / (sh.a + r[idx])
+            v = (ddy * co - ddx * si) / (sh.b + r[idx])
+            hit[idx] |= u * u + v * v < 1.0
+    return hit
+
+
+def draw_candidates(
+    layout: TissueLayout,
+    grid: NucleusGrid,
+    table: GlandTable,
+    cy: np.ndarray,
+    cx: np.ndarray,
+    fields: CellFields,
+    blocker: NucleusGrid | None = None,
+) -> Candidates:
+    """Draw and accept the candidates of cells ``(cy, cx)`` (flat int arrays).
+
+    Acceptance is staged from cheap to dear: the random draw against the fields' probability, then the blocker
+    layer's shapes (lymphocytes give way to fibroblast-like nuclei), then the gland geometry at the centre (a
+    stromal nucleus keeps clear of every gland by half its size again).
+    """
+    layer = grid.layer
+    sh = _shapes(layout, grid, cy, cx)
     u_accept = _draw(layout, grid, cy, cx, 0)
-    u_turn = _draw(layout, grid, cy, cx, 5) - np.float32(0.5)
     darkness = _lerp(layer.darkness, _draw(layout, grid, cy, cx, 6))
-    scale = np.ones_like(a0)
-    if layer.kind == "epithelial":
-        p = np.float32(layout.params.epithelial_acceptance * layer.acceptance_scale)
-        theta = np.zeros_like(a0)
-    elif layer.kind == "lymphocyte":
+    if layer.kind == "lymphocyte":
         p = layout.lymph_probability(fields.tumour, fields.mucosa, fields.aggregate) * np.float32(layer.acceptance_scale)
-        theta = np.float32(2.0 * math.pi) * u_turn
     else:
         p = layout.stromal_probability(fields.tumour, fields.aggregate) * np.float32(layer.acceptance_scale)
-        theta = np.where(fields.orientation > 0, 0.0, 0.5 * math.pi) + 0.7 * u_turn
     accepted = (fields.tissue > 0) & (u_accept < p)
+    if blocker is not None:
+        todo = np.flatnonzero(accepted)
+        accepted[todo] = ~_touches(layout, blocker, sh.y[todo], sh.x[todo], sh.a[todo])
     todo = np.flatnonzero(accepted)
     if todo.size:
-        gl = layout.glands_at_points(table, y[todo], x[todo])
-        if layer.kind == "epithelial":
-            has = gl.owner >= 0
-            owner = np.where(has, gl.owner, 0)
-            atypia = np.where(has, table.atypia[owner], 0.0).astype(np.float32)
-            in_zone = (gl.depth >= layout.nuclear_zone_start(atypia)) & (gl.depth <= layout.params.nuclear_zone_end)
-            accepted[todo] = has & (gl.s_out > 0) & (gl.s_in < 0) & in_zone
-            scale[todo] = np.float32(1.0) + np.float32(layer.size_gain) * atypia
-            # Columnar cells: the long axis points away from the gland centre; atypia disorganises it.
-            theta[todo] = np.arctan2(y[todo] - table.centre_y[owner], x[todo] - table.centre_x[owner]) + u_turn[todo] * (
-                0.5 + 2.0 * atypia
-            )
-            darkness[todo] *= np.float32(1.0) + np.float32(layer.darkness_gain) * atypia
-        else:
-            accepted[todo] = gl.s_out <= 0
+        accepted[todo] = layout.glands_at_points(table, sh.y[todo], sh.x[todo]).s_out <= -1.5 * sh.bound[todo]
     return Candidates(
-        y=y, x=x, a=(a0 * scale).astype(np.float32), b=(b0 * scale).astype(np.float32),
-        cos=np.cos(theta).astype(np.float32), sin=np.sin(theta).astype(np.float32),
+        y=sh.y, x=sh.x, a=sh.a.astype(np.float32), b=sh.b.astype(np.float32),
+        cos=np.cos(sh.theta).astype(np.float32), sin=np.sin(sh.theta).astype(np.float32),
         darkness=darkness.astype(np.float32), accepted=accepted, ids=grid.ids(cy, cx),
     )
 
@@ -198,7 +240,6 @@ def _fields_on_cells(layout: TissueLayout, grid: NucleusGrid, cy0: int, ny: int,
         tumour=flat(layout.tumour(gy, gx, box=False)),
         mucosa=flat(layout.mucosa(gy, gx, box=False)),
         aggregate=flat(layout.aggregates(gy, gx, box=False)),
-        orientation=flat(layout.orientation(gy, gx, box=False)),
     )
 
 
@@ -209,10 +250,12 @@ class NucleiOnGrid:
     coverage: np.ndarray  # float32 (ny, nx)
     darkness: np.ndarray  # float32 (ny, nx), of the pixel's candidate
     ids: np.ndarray  # int64 (ny, nx), 0 where the centre is in no nucleus
+    centre_d2: np.ndarray  # float32 (ny, nx), squared distance (px²) to its nucleus's centre (inf where none)
 
 
 def _ellipse(c: Candidates, cell: np.ndarray, py: np.ndarray, px: np.ndarray):
-    """Normalised radius ``rho`` (< 1 inside) and an estimate of the signed distance to the outline (px)."""
+    """Normalised radius ``rho`` (< 1 inside), an estimate of the signed distance to the outline (px), and the
+    squared distance to the centre (px²)."""
     dy = (py - c.y[cell]).astype(np.float32)
     dx = (px - c.x[cell]).astype(np.float32)
     co, si = c.cos[cell], c.sin[cell]
@@ -222,10 +265,13 @@ def _ellipse(c: Candidates, cell: np.ndarray, py: np.ndarray, px: np.ndarray):
     rho = np.sqrt(u * u + v * v) + np.float32(1e-6)
     # |grad rho| = sqrt((u/a)^2 + (v/b)^2) / rho; distance ~ (1 - rho) / |grad rho|
     grad = np.sqrt((u / a) ** 2 + (v / b) ** 2) / rho + np.float32(1e-6)
-    return rho, (np.float32(1.0) - rho) / grad
+    return rho, (np.float32(1.0) - rho) / grad, dx * dx + dy * dy
 
 
-def render_nuclei(layout: TissueLayout, grid: NucleusGrid, table: GlandTable, gy: AxisGrid, gx: AxisGrid, ds: float) -> NucleiOnGrid:
+def render_nuclei(
+    layout: TissueLayout, grid: NucleusGrid, table: GlandTable, gy: AxisGrid, gx: AxisGrid, ds: float,
+    blocker: NucleusGrid | None = None,
+) -> NucleiOnGrid:
     """Draw one layer explicitly on a pixel grid (levels whose downsample is at most ``2 * MARGIN_PX``).
 
     All candidates of the cells under the grid are drawn; each pixel looks up its own cell's candidate.
@@ -239,14 +285,15 @@ def render_nuclei(layout: TissueLayout, grid: NucleusGrid, table: GlandTable, gy
     ny, nx = cy1 - cy0, cx1 - cx0
     cy = np.repeat(np.arange(cy0, cy1), nx)
     cx = np.tile(np.arange(cx0, cx1), ny)
-    cand = draw_candidates(layout, grid, table, cy, cx, _fields_on_cells(layout, grid, cy0, ny, cx0, nx))
+    cand = draw_candidates(layout, grid, table, cy, cx, _fields_on_cells(layout, grid, cy0, ny, cx0, nx), blocker)
     cx_pix = grid.cols(cy_pix[:, None], xc[None, :])  # (ny_px, nx_px)
     cell = (cy_pix[:, None] - cy0) * nx + (cx_pix - cx0)
-    rho, dist = _ellipse(cand, cell, yc[:, None], xc[None, :])
+    rho, dist, d2 = _ellipse(cand, cell, yc[:, None], xc[None, :])
     on = cand.accepted[cell]
     coverage = np.where(on, np.clip(np.float32(0.5) + dist / np.float32(ds), 0.0, 1.0), 0.0).astype(np.float32)
-    ids = np.where(on & (rho < 1.0), cand.ids[cell], 0)
-    return NucleiOnGrid(coverage, cand.darkness[cell], ids)
+    inside = on & (rho < 1.0)
+    ids = np.where(inside, cand.ids[cell], 0)
+    return NucleiOnGrid(coverage, cand.darkness[cell], ids, np.where(inside, d2, np.inf).astype(np.float32))
 
 
 def label_nuclei(
@@ -257,14 +304,16 @@ def label_nuclei(
     gx: AxisGrid,
     pixel_fields: CellFields,
     pixel_s_out: np.ndarray,
-) -> np.ndarray:
-    """Instance ids at the pixel centres of a grid, for any level (int64 ``(ny, nx)``, 0 = none).
+    blocker: NucleusGrid | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Instance ids at the pixel centres of a grid, for any level (int64 ``(ny, nx)``, 0 = none), and the squared
+    distance (px²) of each centre to its nucleus's centre (float32, inf where none).
 
     Only the pixel's own cell can hold a nucleus containing its centre.  Candidates are drawn per pixel; the
     largest shape a candidate can take is tested first, and only the survivors are placed in their glands.
     ``pixel_fields`` (flat, one value per pixel) stand in for the fields at the candidates' cell centres, which
     lie within a cell of the pixel centre.  ``pixel_s_out`` (the gland outline distance at the pixel centres, px)
-    rules out epithelial nuclei far from glands and stromal ones deep inside them before any candidate is drawn.
+    rules out pixels deep inside glands before any candidate is drawn.
     """
     yc, xc = gy.centres, gx.centres
     cy = np.broadcast_to(grid.rows(yc)[:, None], (gy.n, gx.n)).reshape(-1)
@@ -274,23 +323,21 @@ def label_nuclei(
     s = grid.cell
     reach = np.float32(2.0 * s)  # a nucleus centre lies within a cell of the pixel centre
     s_out = pixel_s_out.reshape(-1)
-    maybe = (pixel_fields.tissue > -0.2) & ((s_out > -reach) if layer.kind == "epithelial" else (s_out < reach))
+    maybe = (pixel_fields.tissue > -0.2) & (s_out < reach)
     pre = np.flatnonzero(maybe)
     cy, py, px = cy[pre], py[pre], px[pre]
     cx = grid.cols(cy, px)
-    a0 = layout.px(1.0) * _lerp(layer.long_um, _draw(layout, grid, cy, cx, 1))
-    bound = a0 * np.float32(1.0 + layer.size_gain) + np.float32(MARGIN_PX)
-    room = np.maximum(np.float32(s) - 2.0 * bound, 0.0)
-    y = cy * s + bound + room * _draw(layout, grid, cy, cx, 3)
-    x = cx * s + grid.shift(cy) + bound + room * _draw(layout, grid, cy, cx, 4)
+    y, x, _, bound = _positions(layout, grid, cy, cx)
     dy, dx = py - y, px - x
     near = dy * dy + dx * dx < bound * bound
     out = np.zeros(gy.n * gx.n, dtype=np.int64)
+    out_rho = np.full(gy.n * gx.n, np.inf, dtype=np.float32)
     idx = np.flatnonzero(near)
     if idx.size:
         sub = CellFields(*(getattr(pixel_fields, f)[pre[idx]] for f in CellFields.__dataclass_fields__))
-        cand = draw_candidates(layout, grid, table, cy[idx], cx[idx], sub)
-        rho, _ = _ellipse(cand, np.arange(idx.size), py[idx], px[idx])
+        cand = draw_candidates(layout, grid, table, cy[idx], cx[idx], sub, blocker)
+        rho, _, d2 = _ellipse(cand, np.arange(idx.size), py[idx], px[idx])
         hit = cand.accepted & (rho < 1.0)
         out[pre[idx[hit]]] = cand.ids[hit]
-    return out.reshape(gy.n, gx.n)
+        out_rho[pre[idx[hit]]] = d2[hit]
+    return out.reshape(gy.n, gx.n), out_rho.reshape(gy.n, gx.n)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy.special import ndtri
@@ -35,7 +35,8 @@ from scipy.special import ndtri
 from .hashing import Stream
 from .layout import GlandSample, GlandTable, TissueLayout, _smoothstep
 from .noise import AxisGrid, FieldSample, Octaves, coverage_above, octaves, sample_field
-from .nuclei import MARGIN_PX, CellFields, LABEL_PRIORITY, nucleus_grids, label_nuclei, render_nuclei
+from .epithelium import rim_expectations, rim_id_offset_check, rim_on_grid
+from .nuclei import MARGIN_PX, CellFields, nucleus_grids, label_nuclei, render_nuclei
 from .params import GLASS, LUMEN, NORMAL_EPITHELIUM, STROMA, TUMOUR_EPITHELIUM
 from . import stain as st
 
@@ -43,8 +44,9 @@ __all__ = ["ChunkRenderer", "RENDER_COUNTS", "EXPLICIT_NUCLEI_UP_TO_DS", "SPLAT_
 
 #: Nuclei are drawn individually up to this downsample (their rim must stay inside their cell).
 EXPLICIT_NUCLEI_UP_TO_DS = 2.0 * MARGIN_PX
-#: Glands are splatted by area from this downsample on (a crypt is then about 3-4 pixels across).
-SPLAT_GLANDS_FROM_DS = 48.0
+#: Glands are splatted by area from this downsample on (a crypt is then about 2-3 pixels across; at 64 the
+#: anti-aliased outline is still the closer match to the mean of the finer level, measured).
+SPLAT_GLANDS_FROM_DS = 96.0
 _QUADRATURE = 32  # angles for the glands' exact areas
 
 
@@ -92,10 +94,44 @@ class _Chunk:
 
 @dataclass
 class _Geometry:
-    """What labels and colour share: the gland table, the glands at the pixel centres."""
+    """What labels and colour share: the gland table, the glands at the pixel centres, and fields by name."""
 
     table: GlandTable
     glands: GlandSample
+    fields: dict = field(default_factory=dict)
+
+
+def _lens_area(r1: np.ndarray, r2: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """Area of the intersection of two discs of radii ``r1, r2`` whose centres are ``d`` apart."""
+    d = np.maximum(d, 1e-9)
+    r1 = np.maximum(r1, 1e-9)
+    r2 = np.maximum(r2, 1e-9)
+    c1 = np.clip((d * d + r1 * r1 - r2 * r2) / (2 * d * r1), -1.0, 1.0)
+    c2 = np.clip((d * d + r2 * r2 - r1 * r1) / (2 * d * r2), -1.0, 1.0)
+    k = np.clip((-d + r1 + r2) * (d + r1 - r2) * (d - r1 + r2) * (d + r1 + r2), 0.0, None)
+    lens = r1 * r1 * np.arccos(c1) + r2 * r2 * np.arccos(c2) - 0.5 * np.sqrt(k)
+    inside = d <= np.abs(r1 - r2)
+    lens = np.where(inside, math.pi * np.minimum(r1, r2) ** 2, lens)
+    return np.where(d >= r1 + r2, 0.0, lens)
+
+
+def _neighbour_overlap(table: GlandTable, idx: np.ndarray, area: np.ndarray) -> np.ndarray:
+    """Summed overlap (px²) of each gland ``idx`` with the glands of the 8 cells around it (equal-area discs)."""
+    radius = np.zeros(table.present.size)
+    radius[idx] = np.sqrt(area / math.pi)
+    row, col = np.divmod(idx, table.nx)
+    total = np.zeros(idx.size)
+    for oy in (-1, 0, 1):
+        for ox in (-1, 0, 1):
+            if oy == 0 and ox == 0:
+                continue
+            r2, c2 = row + oy, col + ox
+            ok = (r2 >= 0) & (r2 < table.ny) & (c2 >= 0) & (c2 < table.nx)
+            j = np.where(ok, r2 * table.nx + c2, 0)
+            ok &= table.present[j]
+            d = np.hypot(table.centre_y[idx] - table.centre_y[j], table.centre_x[idx] - table.centre_x[j])
+            total += np.where(ok, _lens_area(radius[idx], radius[j], d), 0.0)
+    return total
 
 
 def _band(depth: np.ndarray, lo, hi, dt: np.ndarray) -> np.ndarray:
@@ -118,13 +154,24 @@ class ChunkRenderer:
         self.layout = layout
         self.palette = palette
         self.grids = nucleus_grids(layout)
+        self.rim_offset = sum(g.n_rows * g.n_cols for g in self.grids)  # epithelial ids follow the stromal ones
+        rim_id_offset_check(layout, self.rim_offset)
         px = layout.px
         self.tex = octaves(px(24.0), px(3.0), gain=0.7, first=1.0)
         self.fibre = octaves(px(5.0), px(2.5), gain=0.8, first=1.0)  # across the fibres; along them 5x longer
-        self.goblet = octaves(px(8.0), px(2.0), gain=0.7, first=1.0)
+        self.goblet = octaves(px(5.0), px(2.5), gain=0.5, first=1.0)
         self.chromatin = octaves(px(2.5), px(1.25), gain=0.7, first=1.0)
         self._lock = threading.Lock()
         self._cache: OrderedDict = OrderedDict()
+
+    def _blocker(self, grid):
+        """The layer whose candidates ``grid``'s must not touch (lymphocytes give way to fibroblast-like nuclei)."""
+        return next((g for g in self.grids if g.layer.kind == "stromal"), None) if grid.layer.kind == "lymphocyte" else None
+
+    def clear_cache(self) -> None:
+        """Forget the per-chunk geometry (so that a timing measures a cold render)."""
+        with self._lock:
+            self._cache.clear()
 
     # ------------------------------------------------------------------ chunk geometry
     @staticmethod
@@ -148,12 +195,24 @@ class ChunkRenderer:
                 self._cache.popitem(last=False)
         return geo
 
-    def _field(self, stream: int, field: Octaves, c: _Chunk, box: bool, stretch_x: float = 1.0) -> FieldSample:
-        return sample_field(self.layout.seed, stream, field, c.gy, c.gx, box=box, stretch_x=stretch_x)
+    def _field(self, stream: int, octs: Octaves, c: _Chunk, box: bool, stretch_x: float = 1.0) -> FieldSample:
+        return sample_field(self.layout.seed, stream, octs, c.gy, c.gx, box=box, stretch_x=stretch_x)
+
+    def _layout_field(self, c: _Chunk, name: str, box: bool) -> FieldSample:
+        """``layout.<name>(gy, gx, box)`` for this chunk, computed once and shared by its three renders."""
+        geo = self._geometry(c)
+        key = (name, box)
+        got = geo.fields.get(key)
+        if got is None:
+            got = geo.fields[key] = getattr(self.layout, name)(c.gy, c.gx, box=box)
+        return got
 
     def _edges(self, c: _Chunk, geo: _Geometry, box: bool) -> tuple[np.ndarray, np.ndarray]:
         """Signed distances to the gland outlines and lumina with their micrometre roughness (px)."""
-        rough = self._field(Stream.ROUGH_OUT, self.layout.roughness_noise, c, box).mean
+        key = ("roughness", box)
+        rough = geo.fields.get(key)
+        if rough is None:
+            rough = geo.fields[key] = self._field(Stream.ROUGH_OUT, self.layout.roughness_noise, c, box).mean
         return geo.glands.s_out + rough, geo.glands.s_in + rough
 
     # ------------------------------------------------------------------ labels
@@ -164,7 +223,7 @@ class ChunkRenderer:
 
     def _semantic(self, c: _Chunk, geo: _Geometry) -> np.ndarray:
         # Level 0 decides with the box means that set the colour (exact agreement); coarser levels point-sample.
-        tissue = self.layout.tissue(c.gy, c.gx, box=c.level0).mean
+        tissue = self._layout_field(c, "tissue", c.level0).mean
         s_out, s_in = self._edges(c, geo, box=c.level0)
         owner = geo.glands.owner
         tumour = geo.table.tumour[np.maximum(owner, 0)] & (owner >= 0)
@@ -179,28 +238,29 @@ class ChunkRenderer:
         """Nucleus instance id at each pixel centre (int32 ``(height, width)``, 0 = none)."""
         c = self.chunk(downsample, row0, col0, height, width)
         geo = self._geometry(c)
-        out = np.zeros((c.gy.n, c.gx.n), dtype=np.int64)
         if c.ds <= EXPLICIT_NUCLEI_UP_TO_DS:
-            layers = [render_nuclei(self.layout, g, geo.table, c.gy, c.gx, c.ds).ids for g in self.grids]
+            drawn = [render_nuclei(self.layout, g, geo.table, c.gy, c.gx, c.ds, self._blocker(g)) for g in self.grids]
+            layers = [(d.ids, d.centre_d2) for d in drawn]
         else:
             pix = self._pixel_fields(c)
-            layers = [label_nuclei(self.layout, g, geo.table, c.gy, c.gx, pix, geo.glands.s_out) for g in self.grids]
-        for k in reversed(LABEL_PRIORITY):  # lowest priority first, so the highest overwrites
-            ids = layers[k]
-            out = np.where(ids > 0, ids, out)
+            layers = [
+                label_nuclei(self.layout, g, geo.table, c.gy, c.gx, pix, geo.glands.s_out, self._blocker(g)) for g in self.grids
+            ]
+        rim = rim_on_grid(self.layout, geo.table, geo.glands, c.gy, c.gx, c.ds, self.rim_offset)
+        layers.append((rim.ids, rim.centre_d2))
+        # Where nuclei overlap, the pixel goes to the nearest centre: a straight split, each keeps one piece.
+        out = np.zeros((c.gy.n, c.gx.n), dtype=np.int64)
+        best = np.full((c.gy.n, c.gx.n), np.inf, dtype=np.float32)
+        for ids, d2 in layers:
+            better = d2 < best
+            out = np.where(better, ids, out)
+            best = np.where(better, d2, best)
         out[self._semantic(c, geo) == GLASS] = 0
         return out.astype(np.int32)
 
     def _pixel_fields(self, c: _Chunk) -> CellFields:
-        L = self.layout
-        flat = lambda fs: fs.mean.reshape(-1)
-        return CellFields(
-            tissue=flat(L.tissue(c.gy, c.gx, box=False)),
-            tumour=flat(L.tumour(c.gy, c.gx, box=False)),
-            mucosa=flat(L.mucosa(c.gy, c.gx, box=False)),
-            aggregate=flat(L.aggregates(c.gy, c.gx, box=False)),
-            orientation=flat(L.orientation(c.gy, c.gx, box=False)),
-        )
+        flat = lambda name: self._layout_field(c, name, False).mean.reshape(-1)
+        return CellFields(tissue=flat("tissue"), tumour=flat("tumour"), mucosa=flat("mucosa"), aggregate=flat("aggregates"))
 
     # ------------------------------------------------------------------ colour
     def rgb(self, downsample, row0: int, col0: int, height: int, width: int) -> np.ndarray:
@@ -208,69 +268,83 @@ class ChunkRenderer:
         c = self.chunk(downsample, row0, col0, height, width)
         L, pal = self.layout, self.palette
         ds = c.ds
-        tissue = coverage_above(L.tissue(c.gy, c.gx, box=True))
-        tumour_value = L.tumour(c.gy, c.gx, box=True).mean
+        tissue = coverage_above(self._layout_field(c, "tissue", True))
+        tumour_value = self._layout_field(c, "tumour", True).mean
         desmo = L.desmoplasia(tumour_value)
+        explicit = ds <= EXPLICIT_NUCLEI_UP_TO_DS
 
-        # --- compartments: lumen, epithelium (and its nuclear zone / apical goblet zone), stroma
+        # --- compartments (fractions of the pixel's tissue): lumen, epithelium with its goblets and nuclei, stroma
         if ds < SPLAT_GLANDS_FROM_DS:
             geo = self._geometry(c)
             s_out, s_in = self._edges(c, geo, box=True)
             g_out = np.clip(0.5 + s_out / np.float32(ds), 0.0, 1.0)
             lumen = np.minimum(np.clip(0.5 + s_in / np.float32(ds), 0.0, 1.0), g_out)
+            epi = g_out - lumen
             owner = np.maximum(geo.glands.owner, 0)
             has = geo.glands.owner >= 0
             atypia = np.where(has, geo.table.atypia[owner], 0.0).astype(np.float32)
-            thickness = geo.table.radius[owner] * (1.0 - geo.table.lumen_ratio[owner])
-            dt = np.float32(ds) / np.maximum(thickness, 1.0)
-            start = L.nuclear_zone_start(atypia)
-            zone = _band(geo.glands.depth, start, L.params.nuclear_zone_end, dt)
-            apical = _band(geo.glands.depth, -1.0, start, dt)
+            if explicit:
+                rim = rim_on_grid(L, geo.table, geo.glands, c.gy, c.gx, ds, self.rim_offset)
+                n_epi, dark_epi = np.minimum(rim.nucleus, epi), rim.darkness
+                goblet = np.minimum(rim.goblet, epi - n_epi)
+            else:
+                per_gland = self._gland_expectations(geo.table)
+                thickness = geo.table.radius[owner] * (1.0 - geo.table.lumen_ratio[owner])
+                dt = np.float32(ds) / np.maximum(thickness, 1.0)
+                start = L.nuclear_zone_start(atypia)
+                zone = _band(geo.glands.depth, start, L.params.nuclear_zone_end, dt)
+                apical = _band(geo.glands.depth, -1.0, start, dt)
+                share = np.where(has, per_gland["nuclear_share"][owner], 0.0)
+                n_epi = epi * zone * share
+                goblet = epi * apical * np.where(has, per_gland["goblet_share"][owner], 0.0)
+                dark_epi = np.where(has, per_gland["darkness"][owner], 1.0)
         else:
-            g_out, lumen, atypia, zone, apical = self._splat_glands(c)
-        epi = (g_out - lumen).astype(np.float32)
+            g_out, lumen, epi, n_epi, goblet, atypia, dark_epi = self._splat_glands(c)
         stroma = (1.0 - g_out).astype(np.float32)
 
         tex = self._field(Stream.TEX_STROMA, self.tex, c, True)
         t = tex.mean
-
-        # --- epithelium: cytoplasm graded by atypia, goblet mucin in the apical zone of less atypical glands
-        gob_field = self._field(Stream.GOBLET, self.goblet, c, True)
-        gob_share = np.float32(0.6) * (1.0 - atypia) ** 2
-        sd = math.sqrt(self.goblet.variance)
-        threshold = np.float32(sd) * ndtri(np.clip(1.0 - gob_share, 1e-4, 1 - 1e-4)).astype(np.float32)
-        goblet = coverage_above(gob_field, threshold) * apical
         cyto_h = st.CYTOPLASM.h + st.CYTOPLASM_ATYPIA_GAIN.h * atypia
         cyto_e = (st.CYTOPLASM.e + st.CYTOPLASM_ATYPIA_GAIN.e * atypia) * (1.0 + 0.12 * t)
         i_cyto = pal.intensity(cyto_h, cyto_e, 0.0, (0.12 * st.CYTOPLASM.e) ** 2 * tex.removed_var)
-        i_goblet = pal.intensity(st.GOBLET.h, st.GOBLET.e)
-        i_epi = i_cyto + goblet[..., None] * (i_goblet - i_cyto)
-
-        # --- stroma: collagen fibres (streaks along x or y by the orientation field), paler in desmoplasia
+        i_goblet = pal.intensity(st.GOBLET.h * (1.0 + 0.5 * t), st.GOBLET.e, (0.5 * st.GOBLET.h) ** 2 * tex.removed_var)
         i_stroma = self._stroma(c, desmo, tex)
-        i_lumen = pal.intensity(st.LUMEN.h, st.LUMEN.e * (1.0 + 0.6 * t), 0.0, (0.6 * st.LUMEN.e) ** 2 * tex.removed_var)
+        i_lumen = pal.intensity(st.LUMEN.h, st.LUMEN.e * (1.0 + 0.4 * t), 0.0, (0.4 * st.LUMEN.e) ** 2 * tex.removed_var)
         i_glass = pal.intensity(st.GLASS.h, st.GLASS.e * (1.0 + 2.0 * t))
 
-        # --- nuclei
-        n_epi, n_stroma, n_any, i_nuc = self._nuclei(c, ds, epi, stroma, zone, atypia, tumour_value)
-        epi_rest = np.maximum(epi - n_epi, 0.0)
-        stroma_rest = np.maximum(stroma - n_stroma, 0.0)
-        rest = lumen + epi_rest + stroma_rest
-        scale = ((1.0 - n_any) / np.maximum(rest, 1e-6)).astype(np.float32)
-        body = (lumen * scale)[..., None] * i_lumen + (epi_rest * scale)[..., None] * i_epi
-        body += (stroma_rest * scale)[..., None] * i_stroma
-        body += n_any[..., None] * i_nuc
+        # --- nuclei: epithelial (from the glands) and stromal (grids); they replace the compartment they sit in
+        n_str, dark_str, light_str = self._stromal_nuclei(c, ds, stroma, tumour_value)
+        n_str = np.minimum(n_str, stroma)
+        if explicit:
+            chrom = self._field(Stream.CHROMATIN, self.chromatin, c, True)
+            n_all = n_epi + n_str
+            dark = (n_epi * dark_epi + n_str * dark_str) / np.maximum(n_all, 1e-6)
+            i_nuc = n_all[..., None] * pal.intensity(dark * (1.0 + 0.25 * chrom.mean), st.NUCLEUS_E, (0.25 * dark) ** 2 * chrom.removed_var)
+        else:
+            i_nuc = n_epi[..., None] * self._mean_nucleus_light(dark_epi) + light_str
+        cyto = np.maximum(epi - n_epi - goblet, 0.0)
+        body = lumen[..., None] * i_lumen + cyto[..., None] * i_cyto + goblet[..., None] * i_goblet
+        body += (stroma - n_str)[..., None] * i_stroma + i_nuc
         out = tissue[..., None] * body + (1.0 - tissue)[..., None] * i_glass
         return np.clip(out + 0.5, 0.0, 255.0).astype(np.uint8)
 
+    def _mean_nucleus_light(self, darkness: np.ndarray, spread: float = 0.15) -> np.ndarray:
+        """Mean light of nuclei whose darkness is uniform in ``darkness * (1 -+ spread)``, with the Jensen factor of
+        the chromatin texture they hide (``(..., 3)``)."""
+        pal = self.palette
+        h_od, _ = pal.od_per_unit()
+        light = pal.mean_intensity_uniform_h(darkness * (1.0 - spread), darkness * (1.0 + spread), st.NUCLEUS_E)
+        jensen = np.exp(0.5 * (math.log(10.0) * h_od) ** 2 * (0.25 * darkness[..., None]) ** 2 * self.chromatin.variance)
+        return (light * jensen).astype(np.float32)
+
     def _stroma(self, c: _Chunk, desmo: np.ndarray, tex: FieldSample) -> np.ndarray:
         L = self.layout
-        w = _smoothstep(L.orientation(c.gy, c.gx, box=True).mean, -0.25, 0.25)
+        w = _smoothstep(L.orientation(c.gy, c.gx), -0.25, 0.25)
         along_x = self._field(Stream.FIBRE, self.fibre, c, True, stretch_x=5.0)
         along_y = sample_field(L.seed, Stream.FIBRE + 1, self.fibre.scaled(length=5.0), c.gy, c.gx, box=True, stretch_x=0.2)
         fibre = w * along_x.mean + (1.0 - w) * along_y.mean
         fibre_var = w * w * along_x.removed_var + (1.0 - w) ** 2 * along_y.removed_var
-        amp = np.float32(0.28) * (1.0 - 0.5 * desmo)
+        amp = np.float32(0.18) * (1.0 - 0.4 * desmo)
         c_h = (st.STROMA.h + (st.STROMA_DESMOPLASTIC.h - st.STROMA.h) * desmo) * (1.0 + 0.15 * tex.mean)
         c_e0 = st.STROMA.e + (st.STROMA_DESMOPLASTIC.e - st.STROMA.e) * desmo
         c_e = c_e0 * (1.0 + amp * fibre + 0.15 * tex.mean)
@@ -278,72 +352,45 @@ class ChunkRenderer:
         var_h = (0.15 * st.STROMA_DESMOPLASTIC.h) ** 2 * tex.removed_var
         return self.palette.intensity(c_h, c_e, var_h, var_e)
 
-    def _nuclei(self, c, ds, epi, stroma, zone, atypia, tumour_value):
-        """Coverage of all nucleus layers united (as if placed independently), and the mean light of the nuclei.
+    def _stromal_nuclei(self, c: _Chunk, ds: float, stroma: np.ndarray, tumour_value: np.ndarray):
+        """Stromal nuclei as coverage (explicit: drawn; else: expected), their darkness, and (density regime) their
+        summed light ``coverage * mean light`` ``(..., 3)``.
 
-        Explicit: each layer's anti-aliased ellipses; their darkness is mixed by coverage and shaded once, with
-        chromatin texture.  Density: each layer's expected area fraction in its compartment, shaded with the exact
-        mean light of its darkness range and the Jensen factor of the chromatin texture it hides.
+        Layers are placed independently, so their union covers ``1 - prod(1 - n_k)``.
         """
         L, pal = self.layout, self.palette
         if ds <= EXPLICIT_NUCLEI_UP_TO_DS:
             geo = self._geometry(c)
-            drawn = [render_nuclei(L, g, geo.table, c.gy, c.gx, ds) for g in self.grids]
-            covers = [d.coverage for d in drawn]
-            total = np.zeros_like(epi)
-            dark = np.zeros_like(epi)
+            drawn = [render_nuclei(L, g, geo.table, c.gy, c.gx, ds, self._blocker(g)) for g in self.grids]
+            clear = np.ones_like(stroma)
+            weighted = np.zeros_like(stroma)
+            total = np.zeros_like(stroma)
             for d in drawn:
+                clear *= 1.0 - d.coverage
+                weighted += d.coverage * d.darkness
                 total += d.coverage
-                dark += d.coverage * d.darkness
-            dark /= np.maximum(total, 1e-6)
-            chrom = self._field(Stream.CHROMATIN, self.chromatin, c, True)
-            light = pal.intensity(dark * (1.0 + 0.25 * chrom.mean), st.NUCLEUS_E, (0.25 * dark) ** 2 * chrom.removed_var)
-        else:
-            mucosa = L.mucosa(c.gy, c.gx, box=True).mean
-            aggregate = L.aggregates(c.gy, c.gx, box=True).mean
-            p_lymph = L.lymph_probability(tumour_value, mucosa, aggregate)
-            p_stromal = L.stromal_probability(tumour_value, aggregate)
-            h_od, _ = pal.od_per_unit()
-            covers, lights = [], []
-            for g in self.grids:
-                lay = g.layer
-                area = math.pi * L.px(sum(lay.long_um) / 2) * L.px(sum(lay.short_um) / 2) / (g.cell * g.cell)
-                area *= lay.acceptance_scale
-                if lay.kind == "epithelial":
-                    n = epi * zone * np.float32(L.params.epithelial_acceptance * area) * (1.0 + lay.size_gain * atypia) ** 2
-                    gain = 1.0 + lay.darkness_gain * atypia
-                elif lay.kind == "lymphocyte":
-                    n, gain = stroma * p_lymph * np.float32(area), np.float32(1.0)
-                else:
-                    n, gain = stroma * p_stromal * np.float32(area), np.float32(1.0)
-                mean_dark = 0.5 * (lay.darkness[0] + lay.darkness[1])
-                jensen = np.exp(0.5 * (math.log(10.0) * h_od) ** 2 * (0.25 * mean_dark) ** 2 * self.chromatin.variance)
-                light = pal.mean_intensity_uniform_h(lay.darkness[0] * gain, lay.darkness[1] * gain, st.NUCLEUS_E)
-                covers.append(n.astype(np.float32))
-                lights.append(light * jensen.astype(np.float32))
-            total = sum(covers)
-            weight = 1.0 / np.maximum(total, 1e-6)
-            light = sum((n * weight)[..., None] * li for n, li in zip(covers, lights))
-        clear = np.ones_like(epi)
-        for n in covers:
+            return 1.0 - clear, weighted / np.maximum(total, 1e-6), None
+        mucosa = L.mucosa(c.gy, c.gx, box=True).mean
+        aggregate = L.aggregates(c.gy, c.gx, box=True).mean
+        p = {"lymphocyte": L.lymph_probability(tumour_value, mucosa, aggregate), "stromal": L.stromal_probability(tumour_value, aggregate)}
+        clear = np.ones_like(stroma)
+        covers, lights = [], []
+        for g in self.grids:
+            lay = g.layer
+            area = math.pi * L.px(sum(lay.long_um) / 2) * L.px(sum(lay.short_um) / 2) / (g.cell * g.cell)
+            n = stroma * p[lay.kind] * np.float32(area * lay.acceptance_scale)
             clear *= 1.0 - n
-        by_kind = {"epithelial": np.zeros_like(epi), "lymphocyte": np.zeros_like(epi), "stromal": np.zeros_like(epi)}
-        for g, n in zip(self.grids, covers):
-            by_kind[g.layer.kind] += n
-        return by_kind["epithelial"], by_kind["lymphocyte"] + by_kind["stromal"], 1.0 - clear, light
+            covers.append(n)
+            lights.append(self._mean_nucleus_light(np.full((), 0.5 * sum(lay.darkness), np.float32), spread=0.1))
+        union = 1.0 - clear
+        total = sum(covers)
+        light = sum((n * union / np.maximum(total, 1e-6))[..., None] * li for n, li in zip(covers, lights))
+        return union, None, light
 
-    # ------------------------------------------------------------------ glands smaller than a few pixels
-    def _splat_glands(self, c: _Chunk):
-        """Glands as exact areas: each gland's outline, lumen, nuclear and apical zones are integrated over angle
-        and spread over the pixels under a square of the same area centred on the gland."""
+    # ------------------------------------------------------------------ per-gland expectations
+    def _gland_areas(self, table: GlandTable, idx: np.ndarray) -> dict[str, np.ndarray]:
+        """Exact areas (px²) of the glands ``idx``: outline, lumen, nuclear zone and apical zone (32-angle quadrature)."""
         L = self.layout
-        y0, y1, x0, x1 = c.bounds
-        table = L.table_for(y0, y1, x0, x1, ring=2)
-        shape = (c.gy.n, c.gx.n)
-        idx = np.flatnonzero(table.present)
-        zeros = np.zeros(shape, dtype=np.float32)
-        if idx.size == 0:
-            return zeros, zeros, zeros, zeros, zeros
         theta = np.arange(_QUADRATURE) * (2.0 * math.pi / _QUADRATURE)
         z = np.exp(1j * theta).astype(np.complex64)
         zk = np.stack([z ** k for k in range(2, 6)], axis=0)  # (4, Q)
@@ -351,53 +398,99 @@ class ChunkRenderer:
         h_in = (table.lumen[idx] @ zk[:3]).real
         r_out = table.radius[idx][:, None] * (1.0 + h_out)
         r_in = r_out * table.lumen_ratio[idx][:, None] * (1.0 + h_in)
-        atypia = table.atypia[idx]
-        start = L.nuclear_zone_start(atypia)[:, None]
-        end = np.float32(L.params.nuclear_zone_end)
+        start = L.nuclear_zone_start(table.atypia[idx])[:, None]
         r_a = r_in + start * (r_out - r_in)
-        r_b = r_in + end * (r_out - r_in)
-        area = lambda r2: (math.pi / _QUADRATURE) * r2.sum(axis=1)
-        a_out = area(r_out ** 2)
-        a_in = area(r_in ** 2)
-        a_epi = np.maximum(a_out - a_in, 1e-6)
-        zone_frac = area(r_b ** 2 - r_a ** 2) / a_epi
-        apical_frac = area(r_a ** 2 - r_in ** 2) / a_epi
-        side = np.sqrt(a_out)
+        r_b = r_in + np.float32(L.params.nuclear_zone_end) * (r_out - r_in)
+        area = lambda r2: ((math.pi / _QUADRATURE) * r2.sum(axis=1)).astype(np.float64)
+        return {
+            "outline": area(r_out ** 2),
+            "lumen": area(r_in ** 2),
+            "zone": area(r_b ** 2 - r_a ** 2),
+            "apical": area(r_a ** 2 - r_in ** 2),
+        }
 
-        def overlaps(grid: AxisGrid, centre: np.ndarray):
+    def _gland_expectations(self, table: GlandTable) -> dict[str, np.ndarray]:
+        """Per table entry: nuclear share of the nuclear zone, goblet share of the apical zone, nuclear darkness."""
+        n = table.present.size
+        out = {k: np.zeros(n, np.float32) for k in ("nuclear_share", "goblet_share")}
+        out["darkness"] = np.ones(n, np.float32)
+        idx = np.flatnonzero(table.present)
+        if idx.size:
+            areas = self._gland_areas(table, idx)
+            nuc, gob, dark = rim_expectations(self.layout, table, idx, areas["zone"], areas["apical"])
+            out["nuclear_share"][idx], out["goblet_share"][idx], out["darkness"][idx] = nuc, gob, dark
+        return out
+
+    # ------------------------------------------------------------------ glands smaller than a few pixels
+    def _splat_glands(self, c: _Chunk):
+        """Glands as exact areas: each gland's outline and lumen are integrated over angle and spread over the pixels
+        under two concentric squares of the same areas (a four-pixel crypt keeps its pale centre); its nuclei and
+        goblets as their expected shares of the epithelium.
+
+        Returns fractions of each pixel: gland, lumen, epithelium, epithelial nuclei, goblets; and the epithelium's
+        mean atypia and nuclear darkness.
+        """
+        L = self.layout
+        y0, y1, x0, x1 = c.bounds
+        table = L.table_for(y0, y1, x0, x1, ring=2)
+        shape = (c.gy.n, c.gx.n)
+        idx = np.flatnonzero(table.present)
+        zeros = np.zeros(shape, dtype=np.float32)
+        if idx.size == 0:
+            return zeros, zeros, zeros, zeros, zeros, zeros, np.ones(shape, np.float32)
+        areas = self._gland_areas(table, idx)
+        a_in = areas["lumen"]
+        # Crowded tumour glands overlap (fuse): the union has less epithelium than the sum.  Each gland gives up
+        # half of its overlap with each neighbour (discs of equal area), taken from its epithelium.
+        shared = 0.5 * _neighbour_overlap(table, idx, areas["outline"])
+        a_epi = np.maximum(areas["outline"] - a_in - shared, 1e-6)
+        a_out = a_in + a_epi
+        nuc_share, gob_share, darkness = rim_expectations(L, table, idx, areas["zone"], areas["apical"])
+        nuclei_per_epi = nuc_share * areas["zone"] / a_epi
+        goblets_per_epi = gob_share * areas["apical"] / a_epi
+        atypia = table.atypia[idx].astype(np.float64)
+        side_out = np.sqrt(a_out)
+        side_in = np.sqrt(a_in)
+
+        def overlaps(grid: AxisGrid, centre: np.ndarray, side: np.ndarray, k: int):
             lo, hi = centre - side / 2, centre + side / 2
-            first = np.floor((lo - grid.start) / grid.step).astype(np.int64)
-            k = int(np.ceil(side.max() / grid.step)) + 2
+            first = np.floor((centre - side_out / 2 - grid.start) / grid.step).astype(np.int64)
             cells = first[:, None] + np.arange(k)[None, :]
             left = grid.start + cells * grid.step
             length = np.clip(np.minimum(hi[:, None], left + grid.step) - np.maximum(lo[:, None], left), 0.0, None)
             ok = (cells >= 0) & (cells < grid.n)
-            return cells, np.where(ok, length / grid.step, 0.0)
+            return np.clip(cells, 0, grid.n - 1), np.where(ok, length / grid.step, 0.0)
 
-        ry, wy = overlaps(c.gy, table.centre_y[idx])
-        rx, wx = overlaps(c.gx, table.centre_x[idx])
-        # fraction of each pixel under the gland's square, times the gland's share of that square (1: same area)
-        cover = (wy[:, :, None] * wx[:, None, :]).astype(np.float64) * (a_out / (side * side))[:, None, None]
-        valid = cover > 0
-        flat = (np.clip(ry, 0, c.gy.n - 1)[:, :, None] * c.gx.n + np.clip(rx, 0, c.gx.n - 1)[:, None, :])
-        flat = flat[valid]
-        sums = {}
-        per_gland = {
-            "gland": np.ones_like(a_out),
-            "lumen": a_in / a_out,
-            "epi": a_epi / a_out,
-            "epi_atypia": a_epi / a_out * atypia,
-            "epi_zone": a_epi / a_out * zone_frac,
-            "epi_apical": a_epi / a_out * apical_frac,
-        }
-        for name, value in per_gland.items():
-            acc = np.bincount(flat, weights=(cover * value[:, None, None])[valid], minlength=shape[0] * shape[1])
-            sums[name] = acc.reshape(shape)
-        squeeze = 1.0 / np.maximum(sums["gland"], 1.0)  # fused tumour glands overlap: never more than the pixel
-        g_out = (sums["gland"] * squeeze).astype(np.float32)
-        lumen = (sums["lumen"] * squeeze).astype(np.float32)
-        epi = np.maximum(sums["epi"], 1e-9)
-        atypia_px = (sums["epi_atypia"] / epi).astype(np.float32)
-        zone = (sums["epi_zone"] / epi).astype(np.float32)
-        apical = (sums["epi_apical"] / epi).astype(np.float32)
-        return g_out, lumen, atypia_px, zone, apical
+        ky = int(np.ceil(side_out.max() / c.gy.step)) + 2
+        kx = int(np.ceil(side_out.max() / c.gx.step)) + 2
+        ry, wy_out = overlaps(c.gy, table.centre_y[idx], side_out, ky)
+        rx, wx_out = overlaps(c.gx, table.centre_x[idx], side_out, kx)
+        _, wy_in = overlaps(c.gy, table.centre_y[idx], side_in, ky)
+        _, wx_in = overlaps(c.gx, table.centre_x[idx], side_in, kx)
+        cover_out = wy_out[:, :, None] * wx_out[:, None, :]  # fraction of each pixel under the gland's square
+        cover_in = wy_in[:, :, None] * wx_in[:, None, :]
+        cover_epi = cover_out - cover_in
+        valid = cover_out > 0
+        flat = (ry[:, :, None] * c.gx.n + rx[:, None, :])[valid]
+        n_px = shape[0] * shape[1]
+
+        def accumulate(cover, per_gland):
+            w = (cover * per_gland[:, None, None])[valid]
+            return np.bincount(flat, weights=w, minlength=n_px).reshape(shape)
+
+        ones = np.ones_like(a_out)
+        gland = accumulate(cover_out, ones)
+        lumen = accumulate(cover_in, ones)
+        epi = accumulate(cover_epi, ones)
+        nuclei = accumulate(cover_epi, nuclei_per_epi)
+        goblets = accumulate(cover_epi, goblets_per_epi)
+        epi_atypia = accumulate(cover_epi, atypia)
+        epi_dark = accumulate(cover_epi * nuclei_per_epi[:, None, None], darkness.astype(np.float64))
+        squeeze = 1.0 / np.maximum(gland, 1.0)  # fused tumour glands overlap: never more than the pixel
+        f = lambda a: (a * squeeze).astype(np.float32)
+        safe_epi = np.maximum(epi, 1e-9)
+        return (
+            f(gland), f(lumen), f(epi), f(nuclei), f(goblets),
+            (epi_atypia / safe_epi).astype(np.float32),
+            np.where(nuclei > 0, epi_dark / np.maximum(nuclei, 1e-9), 1.0).astype(np.float32),
+        )

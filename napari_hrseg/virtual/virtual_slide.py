@@ -46,6 +46,8 @@ class VirtualSlide:
     layout : TissueLayout
         The slide's plan (tumour centre and radius, field definitions), for tools that need to know where
         things are.
+    renderer : ChunkRenderer
+        What the pyramids' chunks call; ``renderer.clear_cache()`` forgets the per-chunk geometry (benchmarks).
     """
 
     slide: Slide
@@ -56,6 +58,7 @@ class VirtualSlide:
     seed: int
     stain: str
     layout: TissueLayout = field(repr=False, compare=False, default=None)  # type: ignore[assignment]
+    renderer: ChunkRenderer = field(repr=False, compare=False, default=None)  # type: ignore[assignment]
 
     @property
     def n_levels(self) -> int:
@@ -64,20 +67,6 @@ class VirtualSlide:
     @property
     def tumour_class(self) -> int:
         return TUMOUR_EPITHELIUM
-
-    def label_layer_kwargs(self, kind: str = "semantic") -> dict[str, Any]:
-        """Keyword arguments for ``viewer.add_labels(data, **kwargs)`` of the ``"semantic"`` or ``"instances"``
-        pyramid (hidden by default: showing them renders their chunks)."""
-        name = f"{self.slide.name} {'classes' if kind == 'semantic' else 'nuclei'} (ground truth)"
-        kwargs: dict[str, Any] = {"name": name, "multiscale": True, "visible": False, "opacity": 0.5}
-        if kind == "semantic":
-            from napari.utils.colormaps import DirectLabelColormap  # napari only when asked for layer kwargs
-
-            colors = {i: c for i, c in enumerate(self.class_colors) if i > 0}
-            colors[None] = "transparent"
-            kwargs["colormap"] = DirectLabelColormap(color_dict={0: "transparent", **colors})
-            kwargs["metadata"] = {"class_names": self.class_names}
-        return kwargs
 
     def border_region(self, size: int = 2048) -> Region:
         """A level-0 square of ``size`` px on the tumour's border: tumour and normal epithelium both present.
@@ -202,4 +191,4 @@ def virtual_slide(
         name=f"virtual H&E (seed {seed}, {palette.name})",
     )
     log.debug("virtual slide %s: %d levels, %s", slide.name, n_levels, shapes)
-    return VirtualSlide(slide, sem, ins, CLASS_NAMES, CLASS_COLORS, int(seed), palette.name, layout)
+    return VirtualSlide(slide, sem, ins, CLASS_NAMES, CLASS_COLORS, int(seed), palette.name, layout, renderer)
