@@ -208,3 +208,16 @@ def test_options_are_validated():
         InferenceOptions(tile_size=0)
     with pytest.raises(HrsegError):
         InferenceOptions(blend="gaussian")
+
+
+def test_the_engine_is_headless():
+    """No Qt and no napari behind the engine, the tiler and the segment command (dask workers import them)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, napari_hrseg.inference, napari_hrseg.tiling, napari_hrseg.cli.segment\n"
+        "bad = sorted(m for m in sys.modules if m == 'napari' or m.startswith(('napari.', 'qtpy', 'PyQt', 'vispy')))\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -3,7 +3,6 @@ slide with a model trained in the tests, what they read from the pyramid, and th
 
 from __future__ import annotations
 
-import dask.array as da
 import numpy as np
 import pytest
 import torch
@@ -23,7 +22,7 @@ from napari_hrseg.inference.checks import check_classes
 from napari_hrseg.models import create_model
 from napari_hrseg.slide import Slide, open_slide
 
-from test_inference_support import one_torch_thread, CMU1, CMU1_PYRAMID, MODEL_MPP, SMALL_FPN, iou, tissue_targets, trained_tissue_model  # noqa: F401 (fixture)
+from test_inference_support import one_torch_thread, CMU1_PYRAMID, MODEL_MPP, SMALL_FPN, iou, tissue_targets, trained_tissue_model  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -11,7 +11,7 @@ from PIL import Image
 from napari_hrseg.errors import RegionError
 from napari_hrseg.geometry import Region
 from napari_hrseg.models import create_model, to_input_tensor
-from napari_hrseg.tiling import Stitcher, Tiler, blend_window, estimate_halo, round_up
+from napari_hrseg.tiling import Stitcher, Tiler, blend_window, estimate_halo
 
 from test_inference_support import one_torch_thread  # noqa: F401
 

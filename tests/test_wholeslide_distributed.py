@@ -83,3 +83,15 @@ def test_in_memory_slides_cannot_be_distributed(tmp_path, model, client):
     mem = Slide(s.levels, mpp_yx=s.mpp_yx, name="in-memory")
     with pytest.raises(HrsegError, match="in-memory slide"):
         run_to_completion(segment_slides([mem], model, [tmp_path / "m.ome.zarr"], client=client))
+
+
+def test_cli_runs_on_an_existing_scheduler(tmp_path, model, client):
+    from napari_hrseg.cli import main
+    from napari_hrseg.models import save_model
+
+    model_dir = save_model(model, tmp_path / "model")
+    out = tmp_path / "results"
+    argv = ["segment", str(CMU1), str(CMU1_PYRAMID), "--model", str(model_dir), "--out", str(out), "--tile-size", str(TILE),
+            "--scheduler", client.scheduler.address, "--no-progress"]
+    assert main(argv) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["CMU-1-Small-Region.labels.ome.zarr", "CMU-1-Small-Region.vips-pyramid.labels.ome.zarr"]

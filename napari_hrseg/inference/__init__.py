@@ -6,12 +6,16 @@ Headless: imports no Qt and no napari.  Typical use::
     from napari_hrseg.inference import InferenceOptions, InferenceRequest, run_request, run_to_completion
     request = InferenceRequest(slide, region, model, InferenceOptions(method="sliding_window"))
     prediction = run_to_completion(run_request(request))
+
+    # a whole slide, out of core, resumable (what `napari-hrseg segment` runs)
+    result = run_to_completion(segment_slide("slide.svs", model, "slide.labels.ome.zarr"))
 """
 
 from .device import InferenceDevice, available_devices, resolve_device
 from .grid import MPP_TOLERANCE, PixelGrid
 from .pipelines import get_pipeline, list_pipelines, register_pipeline, run_request
 from .tissue import TissueMask, detect_tissue, tissue_mask_for
+from .wholeslide import SegmentOptions, SlideDone, WholeSlideResult, segment_slide, segment_slides
 from .types import (
     CancelToken,
     Finished,
@@ -34,6 +38,11 @@ __all__ = [
     "InferenceRequest",
     "MPP_TOLERANCE",
     "PixelGrid",
+    "SegmentOptions",
+    "SlideDone",
+    "WholeSlideResult",
+    "segment_slide",
+    "segment_slides",
     "Prediction",
     "ProgressEvent",
     "StageDone",

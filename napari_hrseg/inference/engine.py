@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -134,7 +134,3 @@ def iter_batches(
     finally:
         # A closed generator (cancel) must not leave a read running into a slide that may be closing.
         pool.shutdown(wait=True, cancel_futures=True)
-
-
-def flatten(nested: Iterable[Iterable]) -> list:
-    return [x for group in nested for x in group]

@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generator, Iterable, Iterator, Sequence
 
-import numpy as np
 import torch
 
 from ..errors import ExportError, HrsegError

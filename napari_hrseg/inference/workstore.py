@@ -229,22 +229,29 @@ class WorkStore:
         probs : numpy.ndarray, optional
             ``(C, h, w)`` probabilities of the core (written when the store keeps them).
         """
-        self.labels[core.slices] = labels
-        chunk_files = [self._chunk_path(self.labels, cell)]
-        if self.probs is not None and probs is not None:
-            self.probs[(slice(None),) + core.slices] = probs.astype(np.float16)
-            chunk_files.append(self._chunk_path(self.probs, (0,) + tuple(cell)))
-        for f in chunk_files:
-            if f is not None and f.exists():  # an all-fill chunk may not be stored at all
-                _fsync_file(f)
-                _fsync_dir(f.parent)
-        marker = self.done_dir / self._marker_name(cell)
-        fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        _fsync_dir(self.done_dir)
+            self.labels[core.slices] = labels
+            chunk_files = [self._chunk_path(self.labels, cell)]
+            if self.probs is not None and probs is not None:
+                self.probs[(slice(None),) + core.slices] = probs.astype(np.float16)
+                chunk_files.append(self._chunk_path(self.probs, (0,) + tuple(cell)))
+            for f in chunk_files:
+                if f is not None and f.exists():  # an all-fill chunk may not be stored at all
+                    _fsync_file(f)
+                    _fsync_dir(f.parent)
+            marker = self.done_dir / self._marker_name(cell)
+            fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            _fsync_dir(self.done_dir)
+        except OSError as exc:  # disk full, store deleted under us, permissions changed
+            raise LabelStoreError(
+                f"cannot write tile {cell} ({exc.strerror or exc})",
+                subject=self.path,
+                hint="free disk space or fix permissions, then run the same command again to resume",
+            ) from exc
 
     def _chunk_path(self, array: Any, chunk: Iterable[int]) -> Path | None:
         try:
