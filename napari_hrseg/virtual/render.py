@@ -51,18 +51,26 @@ _QUADRATURE = 32  # angles for the glands' exact areas
 
 
 class RenderCounts:
-    """Thread-safe counters of rendered chunks per kind (``"rgb"``, ``"semantic"``, ``"instances"``).
+    """Thread-safe counters of rendered chunks per kind (``"rgb"``, ``"semantic"``, ``"instances"``) and level.
 
-    The lazy-viewer test reads them to prove that opening a slide computes nothing.
+    The lazy-viewer test reads them to prove that opening a slide computes nothing, and which levels napari asks
+    for once a layer is shown.
     """
 
     def __init__(self):
         self._lock = threading.Lock()
         self._counts: dict[str, int] = {}
+        self._levels: dict[tuple[str, int], int] = {}
 
-    def add(self, kind: str) -> None:
+    def add(self, kind: str, level: int = -1) -> None:
         with self._lock:
             self._counts[kind] = self._counts.get(kind, 0) + 1
+            self._levels[(kind, level)] = self._levels.get((kind, level), 0) + 1
+
+    def by_level(self) -> dict[tuple[str, int], int]:
+        """Rendered chunks per ``(kind, level)``."""
+        with self._lock:
+            return dict(self._levels)
 
     def get(self, kind: str | None = None) -> int:
         with self._lock:

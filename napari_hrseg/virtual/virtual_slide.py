@@ -163,15 +163,15 @@ def virtual_slide(
     token = hashlib.sha1(repr((seed, height, width, mpp, palette, tile, n_levels)).encode()).hexdigest()[:12]
 
     def rgb(level, row0, col0, h, w):
-        RENDER_COUNTS.add("rgb")
+        RENDER_COUNTS.add("rgb", level)
         return renderer.rgb(downsamples[level], row0, col0, h, w)
 
     def semantic(level, row0, col0, h, w):
-        RENDER_COUNTS.add("semantic")
+        RENDER_COUNTS.add("semantic", level)
         return renderer.semantic(downsamples[level], row0, col0, h, w)
 
     def instances(level, row0, col0, h, w):
-        RENDER_COUNTS.add("instances")
+        RENDER_COUNTS.add("instances", level)
         return renderer.instances(downsamples[level], row0, col0, h, w)
 
     # Labels do not depend on the stain: their keys leave it out, so palettes share computed label chunks.
