@@ -68,16 +68,27 @@ def _drain(gen):
             return events, stop.value
 
 
-def test_fine_tune_moves_the_prediction_toward_the_correction_and_saves_a_version(teacher, correction, tmp_path):
+#: Fine-tuning budget of these tests: enough to move a 96 x 96 box on a small model, small enough for CI.
+FT = dict(steps=30, crop=96, batch_size=4, lr=1e-3, seed=0)
+
+
+@pytest.fixture(scope="module")
+def tuned(teacher, correction, tmp_path_factory):
+    """One fine-tuning run (corrections + the teacher's coarse labels elsewhere), saved as a new version."""
+    tmp = tmp_path_factory.mktemp("tuned")
     before_weights = state_fingerprint(teacher)
     before = corrected_accuracy(teacher, [correction])
+    out = tmp / "glands-v2"
+    events, student = _drain(fine_tune(teacher, [correction], "teacher", out=out, log_path=tmp / "ft.jsonl", **FT))
+    return events, student, out, before, before_weights
+
+
+def test_fine_tune_moves_the_prediction_toward_the_correction_and_saves_a_version(teacher, correction, tuned):
+    events, student, out, before, before_weights = tuned
     assert before < 0.6  # the teacher gets this box mostly wrong
-    out = tmp_path / "glands-v2"
-    events, student = _drain(fine_tune(teacher, [correction], "teacher", out=out, steps=40, crop=128, batch_size=4,
-                                       lr=1e-3, seed=0, log_path=tmp_path / "ft.jsonl"))
     steps = [e for e in events if isinstance(e, TrainStep)]
     done = events[-1]
-    assert isinstance(done, FineTuneFinished) and done.model is student and len(steps) == 40
+    assert isinstance(done, FineTuneFinished) and done.model is student and len(steps) == FT["steps"]
     assert all(np.isfinite(e.loss) and e.seconds > 0 for e in steps)
     after = corrected_accuracy(student, [correction])
     assert after > before + 0.3 and done.after == pytest.approx(after) and done.before == pytest.approx(before)
@@ -89,25 +100,26 @@ def test_fine_tune_moves_the_prediction_toward_the_correction_and_saves_a_versio
     assert lin["kind"] == "fine-tune" and lin["parent"]["label"] == "glands@1"
     assert lin["parent"]["weights"] == before_weights and lin["seed"] == 0
     assert lin["data"]["corrected_pixels"] == BOX * BOX and lin["data"]["coarse_pixels"] > 0
-    assert len(lin["data"]["fingerprint"]) == 16 and lin["training"]["steps"] == 40
+    assert len(lin["data"]["fingerprint"]) == 16 and lin["training"]["steps"] == FT["steps"]
     assert lin["metrics"]["corrected_acc_after"] == pytest.approx(after, abs=1e-6)
     x = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.allclose(saved(x)["logits"], student(x)["logits"], atol=1e-5)
-    records = [json.loads(line) for line in (tmp_path / "ft.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (out.parent / "ft.jsonl").read_text().splitlines()]
     assert records[-1]["event"] == "done"
 
 
-def test_coarse_labels_keep_the_rest_of_the_image_in_place(teacher, correction):
+def test_coarse_labels_keep_the_rest_of_the_image_in_place(teacher, correction, tuned):
     """With coarse labels elsewhere, the student changes less outside the correction than with corrections alone."""
+    with_coarse = tuned[1]
+    _, alone = _drain(fine_tune(teacher, [correction], None, **FT))
     pred0 = predict_probabilities(teacher, PixelGrid.of(correction.image)).argmax(0)
     outside = correction.labels == IGNORE_INDEX
     kept = {}
-    for coarse in ("teacher", None):
-        _, student = _drain(fine_tune(teacher, [correction], coarse, steps=30, crop=128, lr=1e-3, seed=0))
+    for name, student in (("coarse", with_coarse), ("alone", alone)):
         pred = predict_probabilities(student, PixelGrid.of(correction.image)).argmax(0)
-        kept[coarse] = np.mean(pred[outside] == pred0[outside])
-    assert kept["teacher"] > kept[None]
+        kept[name] = np.mean(pred[outside] == pred0[outside])
+    assert kept["coarse"] > kept["alone"]
 
 
 def test_cancel_mid_way_saves_nothing(teacher, correction, tmp_path):
