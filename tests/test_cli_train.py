@@ -85,3 +85,31 @@ def test_train_command_refuses_bad_requests(tiny_glas, tmp_path, capsys):
     assert main(["train", "--model", "fpn", "--data", str(tiny_glas), "--out", str(tmp_path / "e")]) == 2
     assert "--steps N or --epochs E" in capsys.readouterr().err
     assert not (tmp_path / "e").exists()
+
+
+def test_train_command_on_a_slide_with_a_label_store(realdata, tmp_path):
+    """A real GlaS image written as a tiled TIFF slide, its ground truth painted into a label store: train on it,
+    split into blocks of the slide."""
+    import numpy as np
+    import tifffile
+    from PIL import Image
+
+    from napari_hrseg.geometry import Region
+    from napari_hrseg.labels import LabelStore
+    from napari_hrseg.slide import open_slide
+
+    image = np.asarray(Image.open(realdata / "glas-test-subset" / "images" / "testA_1.png"))
+    mask = (np.asarray(Image.open(realdata / "glas-test-subset" / "labels_binary" / "testA_1.png")) > 0).astype(np.uint8)
+    slide_path = tmp_path / "glas.tif"
+    tifffile.imwrite(slide_path, image, tile=(256, 256), photometric="rgb",
+                     resolution=(1e4 / 0.62005, 1e4 / 0.62005), resolutionunit="CENTIMETER")
+    slide = open_slide(slide_path)
+    with LabelStore.create(tmp_path / "glas.hrseg-labels", slide, level=0, class_names=("background", "gland")) as store:
+        store.write(Region(0, 0, *mask.shape), mask)
+    out = tmp_path / "model"
+    rc = main(["train", "--model", "fpn", "--data", str(slide_path), "--labels", str(tmp_path / "glas.hrseg-labels"),
+               "--out", str(out), "--steps", "2", "--crop", "64", "--batch-size", "1", "--mpp", "1.0",
+               "--val-fraction", "0.25", "--no-progress", *SMALL])
+    assert rc == 0
+    cfg = load_model(out).config
+    assert cfg.num_classes == 2 and len(cfg.lineage["data"]["train"]) == 3 and len(cfg.lineage["data"]["val"]) == 1

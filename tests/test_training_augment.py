@@ -13,7 +13,7 @@ from napari_hrseg.training.samples import Sample
 @pytest.fixture(scope="module")
 def he_tile(realdata):
     """A real H&E crop (GlaS) with its labels."""
-    src = pair_files(realdata / "glas-test-subset", PRESETS["glas"])[0].load()._base
+    src = pair_files(realdata / "glas-test-subset", PRESETS["glas"])[0].load().base
     return Sample(src.image[:96, :96], src.labels[:96, :96], key="glas")
 
 

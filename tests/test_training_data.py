@@ -50,7 +50,7 @@ def test_presets_pair_the_real_data_sets(glas, miccai):
     assert len(pairs) == 20
     assert all(p.label_path.parent.name == "labels_binary" and p.label_path.name == p.image_path.name for p in pairs)
     assert {p.mpp for p in pairs} == {0.62005}
-    sample = pairs[0].load()._base
+    sample = pairs[0].load().base
     assert set(np.unique(sample.labels)) <= {0, 1} and sample.labels.any()
 
     assert detect_layout(miccai).name == "miccai2015"
@@ -60,7 +60,7 @@ def test_presets_pair_the_real_data_sets(glas, miccai):
     # Pixel sizes come from the magnification table in README_training.txt: 01-07 at 20x, 08-15 at 40x.
     assert [p.mpp for p in nuclei] == [0.5] * 7 + [0.25] * 8
     assert magnification_mpp(miccai)["image08.png"] == 0.25
-    s = nuclei[1].load()._base
+    s = nuclei[1].load().base
     gt = read_label_file(nuclei[1].label_path)
     assert s.instances is not None and np.array_equal(s.instances, gt)
     assert np.array_equal(s.labels, (gt > 0).astype(np.uint8))
@@ -101,7 +101,7 @@ def test_custom_pairing_rule_and_its_errors(tmp_path, caplog):
 def test_resampling_keeps_labels_on_their_pixels(miccai):
     """A 40x tile resampled to 0.5 µm/px: ids stay ids (nearest), and they stay on the image pixels they label."""
     src = pair_files(miccai, PRESETS["miccai2015"])[8]  # image09, 40x (0.25 µm/px)
-    base = src.load()._base
+    base = src.load().base
     # Paint an image from the instance ids so that the colour of a pixel says which id it belongs to.
     palette = np.random.default_rng(1).integers(0, 256, (int(base.instances.max()) + 1, 3)).astype(np.uint8)
     palette[0] = 255
@@ -177,7 +177,7 @@ def _slide_from(image: np.ndarray, mpp: float) -> Slide:
 
 def test_slide_source_reads_aligned_crops_from_a_label_pyramid(glas, tmp_path):
     src = pair_files(glas, PRESETS["glas"])[0]
-    base = src.load()._base
+    base = src.load().base
     slide = _slide_from(base.image, 0.5)
     h, w = slide.shape[:2]
     labels0 = base.labels[:h, :w]

@@ -72,7 +72,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     data.add_argument("--label-kind", choices=("binary", "instance", "semantic"),
                       help="how label values are read with --pair (default semantic)")
     data.add_argument("--data-mpp", type=float, help="pixel size of the data in µm, when it does not state it")
-    data.add_argument("--labels", metavar="ZARR", help="label pyramid (zarr) of a --data slide")
+    data.add_argument("--labels", metavar="STORE",
+                      help="labels of a --data slide: a label store, an OME-Zarr labels group or a zarr pyramid")
     data.add_argument("--label-name", help="which label image of an OME-Zarr labels group")
     data.add_argument("--val-fraction", type=float, default=0.2, help="share of images held out (default 0.2)")
 
@@ -126,7 +127,8 @@ def _is_zarr(path: Path) -> bool:
 
 def load_sources(args) -> tuple[list, tuple[str, ...] | None]:
     """The labelled sources named by ``--data`` (and the class names when the data states them)."""
-    from ..training.datasets import PairingRule, SlideSource, detect_layout, open_label_pyramid, pair_files
+    from ..training.datasets import (PairingRule, SlideSource, detect_layout, is_label_store, label_store_source,
+                                     open_label_pyramid, pair_files)
 
     sources, class_names = [], None
     for spec in args.data:
@@ -153,6 +155,9 @@ def load_sources(args) -> tuple[list, tuple[str, ...] | None]:
         slide = open_slide(path)
         if args.data_mpp:
             slide = slide.with_mpp(args.data_mpp)
+        if args.labels and is_label_store(args.labels):
+            sources.append(label_store_source(args.labels, slide, key=path.name))
+            continue
         labels = open_label_pyramid(Path(args.labels) if args.labels else path, args.label_name)
         sources.append(SlideSource(slide, labels, key=path.name))
     return sources, class_names
@@ -167,12 +172,12 @@ def _infer_num_classes(sources) -> int:
             if s.kind in ("binary", "instance") and not s.label_map:
                 top = max(top, 1)
                 continue
-            labels = s.load()._base.labels
+            labels = s.load().base.labels
         elif isinstance(s, SlideSource):
             lev = s.semantic[-1]
             labels = np.asarray(lev.compute() if hasattr(lev, "compute") else lev)
         else:
-            labels = s._base.labels
+            labels = s.base.labels
         known = labels[labels != IGNORE_INDEX]
         if known.size:
             top = max(top, int(known.max()))

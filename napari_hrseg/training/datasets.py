@@ -59,6 +59,7 @@ __all__ = [
     "dataset_fingerprint",
     "LABEL_KINDS",
     "open_label_pyramid",
+    "label_store_source",
 ]
 
 log = logging.getLogger(__name__)
@@ -208,6 +209,11 @@ class ArraySource:
     def has_instances(self) -> bool:
         return self._base.instances is not None
 
+    @property
+    def base(self) -> Sample:
+        """The arrays as given (at ``mpp``)."""
+        return self._base
+
     def _at(self, mpp: float) -> Sample:
         if self.mpp is None or math.isclose(self.mpp, mpp, rel_tol=1e-3):
             return self._base
@@ -311,7 +317,7 @@ class FileSource:
         """``(H, W)`` of the image file, read from its header only."""
         if self._shape is None:
             if self._array is not None:
-                self._shape = self._array._base.shape
+                self._shape = self._array.base.shape
             elif self.image_path.suffix.lower() in (".tif", ".tiff"):
                 import tifffile
 
@@ -813,3 +819,31 @@ def open_label_pyramid(path: str | Path, name: str | None = None) -> tuple:
         return open_label_pyramid(path / "labels", name)
     raise TrainingError("holds no label pyramid", subject=path,
                         hint="expected an OME-Zarr labels group, a label image with multiscales, or a 2-D array")
+
+
+def label_store_source(path: str | Path, slide: Slide, *, key: str | None = None) -> SlideSource:
+    """A slide and its `napari_hrseg.labels.LabelStore` (opened read-only) as a training source.
+
+    The store's labels are taken as complete annotations of the slide (every pixel's class, 0 = background); for
+    sparse user corrections, fine-tune with `napari_hrseg.training.finetune.corrections_from_store` instead.
+    Semantic stores only.
+    """
+    from ..labels import LabelStore
+
+    store = LabelStore.open(path, slide, read_only=True)
+    if store.kind != "semantic":
+        store.close()
+        raise TrainingError("training reads semantic label stores; this one holds instance ids", subject=path)
+    return SlideSource(slide, store.pyramid(), key=key or f"{slide.name}:{store.name}")
+
+
+def is_label_store(path: str | Path) -> bool:
+    """Whether ``path`` looks like a `LabelStore` directory (rather than a plain zarr label pyramid)."""
+    from ..labels import LabelStore
+    from ..errors import LabelStoreError
+
+    try:
+        LabelStore.open(path, read_only=True).close()
+    except (LabelStoreError, OSError):
+        return False
+    return True
