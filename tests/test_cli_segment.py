@@ -116,3 +116,14 @@ def test_resume_after_the_process_is_killed(tmp_path, model_dir, caplog):
     slide = open_slide(CMU1)
     request = InferenceRequest(slide, Region.from_shape(slide.shape), load_model(model_dir), InferenceOptions(tile_size=64))
     np.testing.assert_array_equal(read_ome_zarr_labels(out), run_to_completion(run_request(request)).labels)
+
+
+def test_a_failing_slide_does_not_stop_the_others(tmp_path, model_dir, capsys):
+    bad = tmp_path / "broken.svs"
+    bad.write_bytes(b"")
+    out = tmp_path / "results"
+    assert _segment(CMU1, bad, "--model", model_dir, "--out", out, "--tile-size", 256) == 2
+    err = capsys.readouterr().err
+    assert "broken.svs" in err and "1 of 2 slides failed" in err
+    assert [p.name for p in out.iterdir()] == ["CMU-1-Small-Region.labels.ome.zarr"]
+    assert _segment(CMU1, bad, "--model", model_dir, "--out", tmp_path / "r2", "--fail-fast") == 2

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -54,6 +55,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--restart", action="store_true", help="discard an interrupted run's working store instead of resuming it")
     p.add_argument("--keep-work", action="store_true", help="keep the working zarr store after exporting")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--fail-fast", action="store_true", help="stop at the first slide that fails (default: report it and go on)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
     return p
@@ -135,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
     from ..geometry import Region
     from ..inference.distributed import make_client
     from ..inference.types import Started, TileDone
-    from ..inference.wholeslide import SegmentOptions, SlideDone, segment_slides
+    from ..inference.wholeslide import SegmentOptions, SlideDone, SlideFailed, segment_slides
     from ..models import load_model
 
     slides = expand_inputs(args.inputs)
@@ -148,18 +150,18 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
     )
     client = cluster = None
-    if args.workers or args.scheduler:
+    if args.workers is not None or args.scheduler:
         client, cluster = make_client(args.workers, args.scheduler)
         log.info("dask: %s", client.dashboard_link if cluster is None else f"{args.workers} local worker processes")
     bar = tqdm(total=0, unit="tile", disable=args.no_progress or None, dynamic_ncols=True)
-    results = []
-    gen = segment_slides(slides, model, outputs, region=region, options=options, mpp=args.mpp, client=client)
+    failures: list[tuple[str, Exception]] = []
+    keep_going = len(slides) > 1 and not args.fail_fast
+    gen = segment_slides(slides, model, outputs, region=region, options=options, mpp=args.mpp, client=client, keep_going=keep_going)
     try:
         while True:
             try:
                 event = next(gen)
-            except StopIteration as stop:
-                results = stop.value
+            except StopIteration:
                 break
             if isinstance(event, Started):
                 bar.total += event.total
@@ -180,6 +182,8 @@ def run(args: argparse.Namespace) -> int:
                 )
                 if r.kept_work and r.output is not None:
                     log.info("%s: working store (labels%s) kept at %s", r.name, " and probabilities" if options.keep_probs else "", r.work_path)
+            elif isinstance(event, SlideFailed) and event.error is not None:
+                failures.append((event.message, event.error))
     except KeyboardInterrupt:
         gen.close()
         bar.close()
@@ -191,4 +195,9 @@ def run(args: argparse.Namespace) -> int:
             client.close()
         if cluster is not None:
             cluster.close()
+    if failures:
+        for name, error in failures:
+            print(f"napari-hrseg segment: error: {error}", file=sys.stderr)
+        print(f"napari-hrseg segment: {len(failures)} of {len(slides)} slides failed; the others were written", file=sys.stderr)
+        return 2
     return 0

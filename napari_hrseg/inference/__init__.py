@@ -15,7 +15,7 @@ from .device import InferenceDevice, available_devices, resolve_device
 from .grid import MPP_TOLERANCE, PixelGrid
 from .pipelines import get_pipeline, list_pipelines, register_pipeline, run_request
 from .tissue import TissueMask, detect_tissue, tissue_mask_for
-from .wholeslide import SegmentOptions, SlideDone, WholeSlideResult, segment_slide, segment_slides
+from .wholeslide import SegmentOptions, SlideDone, SlideFailed, WholeSlideResult, segment_slide, segment_slides
 from .types import (
     CancelToken,
     Finished,
@@ -40,6 +40,7 @@ __all__ = [
     "PixelGrid",
     "SegmentOptions",
     "SlideDone",
+    "SlideFailed",
     "WholeSlideResult",
     "segment_slide",
     "segment_slides",

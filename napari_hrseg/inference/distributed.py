@@ -35,9 +35,8 @@ from ..tiling import Tiler
 from .device import resolve_device
 from .engine import ModelRunner
 from .grid import PixelGrid
-from .types import CancelToken
 
-__all__ = ["ModelPayload", "SlideSource", "TileJob", "run_tiles_on_worker", "submit_jobs", "make_client"]
+__all__ = ["ModelPayload", "SlideSource", "TileJob", "run_tiles_on_worker", "DaskTileRunner", "make_client"]
 
 log = logging.getLogger(__name__)
 
@@ -226,36 +225,69 @@ def make_client(workers: int | None = None, scheduler: str | None = None):
     return Client(cluster), cluster
 
 
-def submit_jobs(
-    client: Any,
-    payload: ModelPayload,
-    work: Sequence[tuple[TileJob, Sequence[tuple[int, int]]]],
-    *,
-    tiles_per_task: int = 4,
-    cancel: CancelToken | None = None,
-) -> Iterator[tuple[int, list[tuple[int, int]]]]:
-    """Run every job's remaining cells on the cluster; yield ``(job_id, cells)`` as tasks finish.
+class DaskTileRunner:
+    """Submits slides' tiles to a dask cluster as they are planned and reports tasks as they finish.
 
-    All slides' tasks are submitted together, so workers move on to the next slide's tiles as soon as
-    they run out of the current one.  Closing the iterator (or a cancelled token) cancels what has not run.
+    The model is scattered to every worker once (on the first submit).  Each task computes ``tiles_per_task``
+    tiles of one slide.  Slides are submitted one after another while earlier ones compute, so workers move on
+    to the next slide's tiles as soon as they run out of the current one.
+
+    Parameters
+    ----------
+    client : distributed.Client
+    payload : ModelPayload
+    tiles_per_task : int
     """
-    from distributed import as_completed
 
-    if not any(cells for _, cells in work):
-        return
-    model_future = client.scatter(payload, broadcast=True, hash=False)
-    futures = []
-    for job, cells in work:
+    def __init__(self, client: Any, payload: ModelPayload, *, tiles_per_task: int = 4):
+        from distributed import as_completed
+
+        self.client = client
+        self.payload = payload
+        self.tiles_per_task = max(1, int(tiles_per_task))
+        self._model_future = None
+        self._completed = as_completed()
+        self._job_of: dict[str, int] = {}
+        self._pending: dict[int, set] = {}
+
+    def submit(self, job: TileJob, cells: Sequence[tuple[int, int]]) -> None:
+        """Queue a slide's remaining cells."""
+        if self._model_future is None:
+            self._model_future = self.client.scatter(self.payload, broadcast=True, hash=False)
         cells = list(cells)
-        for i in range(0, len(cells), tiles_per_task):
-            futures.append(client.submit(run_tiles_on_worker, job, model_future, cells[i : i + tiles_per_task], pure=False))
-    pending = set(futures)
-    try:
-        for future in as_completed(futures):
-            pending.discard(future)
-            yield future.result()  # re-raises a worker's error (HrsegErrors keep their message across processes)
-            if cancel is not None:
-                cancel.raise_if_cancelled()
-    finally:
-        if pending:
-            client.cancel(list(pending))
+        pending = self._pending.setdefault(job.job_id, set())
+        for i in range(0, len(cells), self.tiles_per_task):
+            future = self.client.submit(run_tiles_on_worker, job, self._model_future, cells[i : i + self.tiles_per_task], pure=False)
+            self._job_of[future.key] = job.job_id
+            pending.add(future)
+            self._completed.add(future)
+
+    def finished(self, *, block: bool) -> Iterator[tuple[int, list[tuple[int, int]] | HrsegError]]:
+        """``(job_id, cells)`` for each finished task, or ``(job_id, error)`` for a task that raised an `HrsegError`
+        (other exceptions propagate).  ``block=False`` yields only what is already done."""
+        while not self._completed.is_empty() and (block or self._completed.has_ready()):
+            future = next(self._completed)
+            job_id = self._job_of.pop(future.key, -1)
+            self._pending.get(job_id, set()).discard(future)
+            if future.cancelled():
+                continue
+            try:
+                _, cells = future.result()  # re-raises a worker's error; HrsegErrors keep their message
+            except HrsegError as exc:
+                yield job_id, exc
+                continue
+            yield job_id, cells
+
+    def cancel_job(self, job_id: int) -> None:
+        """Cancel a slide's tasks that have not run (after one of them failed)."""
+        futures = list(self._pending.pop(job_id, ()))
+        if futures:
+            self.client.cancel(futures)
+
+    def close(self) -> None:
+        """Cancel everything still queued (cancel, Ctrl-C, an error)."""
+        futures = [f for fs in self._pending.values() for f in fs]
+        self._pending.clear()
+        if futures:
+            self.client.cancel(futures)
+        self._completed.clear()

@@ -31,14 +31,14 @@ from typing import Any, Generator, Iterable, Iterator, Sequence
 
 import torch
 
-from ..errors import ExportError, HrsegError
+from ..errors import Cancelled, ExportError, HrsegError
 from ..geometry import Region
 from ..models.base import HrsegModel
 from ..slide import Slide
 from ..tiling import Tiler
 from .checks import check_model_for_slide, check_region, model_grid
 from .device import resolve_device
-from .distributed import ModelPayload, SlideSource, TileJob, submit_jobs
+from .distributed import DaskTileRunner, ModelPayload, SlideSource, TileJob
 from .engine import ModelRunner, iter_batches
 from .grid import PixelGrid
 from .tissue import detect_tissue
@@ -50,6 +50,7 @@ __all__ = [
     "PlannedSlide",
     "WholeSlideResult",
     "SlideDone",
+    "SlideFailed",
     "plan_slide",
     "compute_tiles",
     "segment_slides",
@@ -168,6 +169,13 @@ class SlideDone(ProgressEvent):
     """A slide is finished (all tiles computed, output exported)."""
 
     result: WholeSlideResult | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class SlideFailed(ProgressEvent):
+    """A slide could not be segmented (``keep_going`` runs); finished tiles stay in its working store."""
+
+    error: HrsegError | None = None
 
 
 # ---------------------------------------------------------------------- planning
@@ -339,17 +347,6 @@ def compute_tiles(
                 cancel.raise_if_cancelled()
 
 
-def _run_locally(
-    plans: Sequence[PlannedSlide], model: HrsegModel, options: SegmentOptions, cancel: CancelToken
-) -> Iterator[tuple[int, list[tuple[int, int]]]]:
-    if not any(p.remaining for p in plans):
-        return
-    runner = ModelRunner(model, resolve_device(options.device, options.autocast))
-    for plan in plans:
-        for cell in compute_tiles(plan.job, plan.slide, runner, plan.store, plan.remaining, cancel=cancel):
-            yield plan.job.job_id, [cell]
-
-
 def _finish(plan: PlannedSlide, model: HrsegModel, options: SegmentOptions, computed: int) -> WholeSlideResult:
     """Mark the store complete, export it, and clean up."""
     summary = {"tiles_total": plan.tiles_total, "tiles_tissue": len(plan.tissue_cells), "tiles_computed_last_run": computed}
@@ -413,8 +410,12 @@ def segment_slides(
     client: Any = None,
     cancel: CancelToken | None = None,
     work_paths: Sequence[str | os.PathLike | None] | None = None,
+    keep_going: bool = False,
 ) -> Generator[ProgressEvent, None, list[WholeSlideResult]]:
-    """Segment whole slides; a generator of progress events returning one `WholeSlideResult` per slide.
+    """Segment whole slides; a generator of progress events returning one `WholeSlideResult` per finished slide.
+
+    Slides are planned one after another: in this process each is computed before the next is planned; on a
+    dask cluster each slide's tiles are queued as soon as it is planned, so workers never wait for planning.
 
     Parameters
     ----------
@@ -435,15 +436,18 @@ def segment_slides(
         Stops at the next tile; finished tiles stay in the working stores and a rerun resumes them.
     work_paths : sequence of path, optional
         Working stores (default beside each output).
+    keep_going : bool
+        A slide that fails with an `HrsegError` (unreadable file, model that does not fit, output in the way)
+        is reported by a `SlideFailed` event and the others continue; otherwise the error is raised.
 
     Yields
     ------
     Started
-        Per slide, ``done`` = tiles found done, ``total`` = tiles with tissue.
+        Per slide once planned, ``done`` = tiles found done, ``total`` = tiles with tissue.
     TileDone
         Per tile computed now.
-    SlideDone
-        Per slide, with its result, after its export.
+    SlideDone, SlideFailed
+        Per slide, with its result (after its export) or its error.
 
     Raises
     ------
@@ -455,57 +459,102 @@ def segment_slides(
         raise HrsegError(f"{len(sources)} slides but {len(outputs)} outputs", subject="segment")
     work_paths = list(work_paths) if work_paths is not None else [None] * len(sources)
     payload = ModelPayload.from_model(model)
-    plans: list[PlannedSlide] = []
-    for i, (src, out, wp) in enumerate(zip(sources, outputs, work_paths)):
-        cancel.raise_if_cancelled()
-        plans.append(
-            plan_slide(src, model, job_id=i, output=out, work_path=wp, region=region, options=options, mpp=mpp, payload=payload)
-        )
-    if client is not None:
-        for plan in plans:
-            if plan.job.source is None and plan.remaining:
-                raise HrsegError("an in-memory slide cannot be sent to dask workers", subject=plan.name,
-                                 hint="save it to a file (e.g. OME-Zarr) and pass its path, or run without --workers")
-    results: list[WholeSlideResult | None] = [None] * len(plans)
-    done = {p.job.job_id: p.resumed for p in plans}
-    computed = {p.job.job_id: 0 for p in plans}
-    for plan in plans:
-        yield Started(plan.job.job_id, plan.resumed, len(plan.tissue_cells), plan.name, method="wholeslide")
-        cancel.raise_if_cancelled()
-    for plan in plans:  # slides with nothing left to compute (all glass, or finished before an interruption)
-        if not plan.remaining:
-            results[plan.job.job_id] = _finish(plan, model, options, 0)
-            yield SlideDone(plan.job.job_id, done[plan.job.job_id], len(plan.tissue_cells), plan.name, result=results[plan.job.job_id])
+    results: list[WholeSlideResult] = []
+    plans: dict[int, PlannedSlide] = {}
+    done: dict[int, int] = {}
+    computed: dict[int, int] = {}
+    runner: ModelRunner | None = None
+    dask_runner = DaskTileRunner(client, payload, tiles_per_task=options.tiles_per_task) if client is not None else None
+
+    def failed(job_id: int, name: str, exc: HrsegError) -> SlideFailed:
+        if not keep_going:
+            raise exc
+        log.error("%s: %s", name, exc)
+        plans.pop(job_id, None)
+        if dask_runner is not None:
+            dask_runner.cancel_job(job_id)
+        return SlideFailed(job_id, done.get(job_id, 0), 0, name, error=exc)
+
+    def tiles_done(plan: PlannedSlide, cells: Iterable[tuple[int, int]]) -> Iterator[ProgressEvent]:
+        job_id = plan.job.job_id
+        tiler = plan.job.tiler()
+        for cell in cells:
+            done[job_id] += 1
+            computed[job_id] += 1
+            core = plan.job.grid.to_level0(tiler.tile_at(cell).core)
+            yield TileDone(job_id, done[job_id], len(plan.tissue_cells), plan.name, tile_region=core)
             cancel.raise_if_cancelled()
-    if client is None:
-        stream: Iterable = _run_locally(plans, model, options, cancel)
-    else:
-        stream = submit_jobs(
-            client, payload, [(p.job, p.remaining) for p in plans if p.remaining],
-            tiles_per_task=options.tiles_per_task, cancel=cancel,
-        )
-    by_id = {p.job.job_id: p for p in plans}
-    try:
-        for job_id, cells in stream:
-            plan = by_id[job_id]
-            tiler = plan.job.tiler()
-            for cell in cells:
-                done[job_id] += 1
-                computed[job_id] += 1
-                core = plan.job.grid.to_level0(tiler.tile_at(cell).core)
-                yield TileDone(job_id, done[job_id], len(plan.tissue_cells), plan.name, tile_region=core)
-                cancel.raise_if_cancelled()
+
+    def finish(plan: PlannedSlide) -> ProgressEvent:
+        job_id = plan.job.job_id
+        try:
+            result = _finish(plan, model, options, computed[job_id])
+        except HrsegError as exc:
+            return failed(job_id, plan.name, exc)
+        plans.pop(job_id, None)
+        results.append(result)
+        return SlideDone(job_id, done[job_id], len(plan.tissue_cells), plan.name, result=result)
+
+    def drain(block: bool) -> Iterator[ProgressEvent]:
+        assert dask_runner is not None
+        for job_id, outcome in dask_runner.finished(block=block):
+            plan = plans.get(job_id)
+            if plan is None:  # a slide that already failed
+                continue
+            if isinstance(outcome, HrsegError):
+                yield failed(job_id, plan.name, outcome)
+                continue
+            yield from tiles_done(plan, outcome)
             if computed[job_id] == len(plan.remaining):
-                results[job_id] = _finish(plan, model, options, computed[job_id])
-                yield SlideDone(job_id, done[job_id], len(plan.tissue_cells), plan.name, result=results[job_id])
+                yield finish(plan)
                 cancel.raise_if_cancelled()
+
+    try:
+        for job_id, (src, out, wp) in enumerate(zip(sources, outputs, work_paths)):
+            cancel.raise_if_cancelled()
+            name = src.name if isinstance(src, Slide) else Path(src).name
+            try:
+                plan = plan_slide(src, model, job_id=job_id, output=out, work_path=wp, region=region, options=options,
+                                  mpp=mpp, payload=payload)
+                if dask_runner is not None and plan.job.source is None and plan.remaining:
+                    raise HrsegError("an in-memory slide cannot be sent to dask workers", subject=plan.name,
+                                     hint="save it to a file (e.g. OME-Zarr) and pass its path, or run without --workers")
+            except HrsegError as exc:
+                yield failed(job_id, name, exc)
+                continue
+            plans[job_id] = plan
+            done[job_id], computed[job_id] = plan.resumed, 0
+            yield Started(job_id, plan.resumed, len(plan.tissue_cells), plan.name, method="wholeslide")
+            cancel.raise_if_cancelled()
+            if not plan.remaining:  # all glass, or finished before an interruption
+                yield finish(plan)
+            elif dask_runner is not None:
+                dask_runner.submit(plan.job, plan.remaining)
+                yield from drain(block=False)
+            else:
+                if runner is None:
+                    runner = ModelRunner(model, resolve_device(options.device, options.autocast))
+                cells = compute_tiles(plan.job, plan.slide, runner, plan.store, plan.remaining, cancel=cancel)
+                try:
+                    yield from tiles_done(plan, cells)
+                except Cancelled:
+                    raise
+                except HrsegError as exc:  # e.g. a corrupt tile deep inside the slide, a full disk
+                    yield failed(job_id, plan.name, exc)
+                    continue
+                finally:
+                    cells.close()  # stops the read-ahead thread at once
+                yield finish(plan)
+            cancel.raise_if_cancelled()
+        if dask_runner is not None:
+            yield from drain(block=True)
     finally:
-        if hasattr(stream, "close"):
-            stream.close()  # cancels pending dask tasks / stops the read-ahead thread
-    missing = [p.name for p in plans if results[p.job.job_id] is None]
-    if missing:  # a worker lost tiles without an error: never export a store with holes
-        raise HrsegError(f"tiles of {', '.join(missing)} were not computed", hint="run the same command again to finish them")
-    return [r for r in results if r is not None]
+        if dask_runner is not None:
+            dask_runner.close()  # cancels queued tasks after a cancel, Ctrl-C or error
+    if plans:  # a worker lost tiles without an error: never export a store with holes
+        names = ", ".join(p.name for p in plans.values())
+        raise HrsegError(f"tiles of {names} were not computed", hint="run the same command again to finish them")
+    return results
 
 
 def segment_slide(
