@@ -20,8 +20,8 @@ Store layout (zarr v3 group)::
                                   region: [row, col, height, width] (level-0) or null, ignore_index: 255,
                                   class_names, source, complete}
 
-The tiler here is the small internal one of `napari_hrseg.training.predict` (crop-to-core with the model's
-halo); it is meant to be swapped for `napari_hrseg.tiling` / `napari_hrseg.inference` once those settle.
+Tiles are `napari_hrseg.tiling.Tiler` cores with the model's halo (crop-to-core, exact when the halo covers the
+model's reach), read through `napari_hrseg.training.predict.PixelGrid` at the model's pixel size.
 """
 
 from __future__ import annotations

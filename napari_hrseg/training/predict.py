@@ -1,17 +1,13 @@
 """Teacher predictions for auto-labelling and ranking: pixels at the model's pixel size, tiled with context.
 
-`PixelGrid` presents an image array or a region of a `Slide` as a pixel grid at the model's pixel size (the
-output grid of auto-labels and uncertainty maps); `tiles` cuts a grid into cores with halos aligned to the
-model's stride; `probabilities` runs the model on one window.
-
-This is a small internal tiler (crop-to-core, no blending), kept here so auto-labelling works on its own;
-`napari_hrseg.tiling` / `napari_hrseg.inference` are the general engine (see the module note in
-`napari_hrseg.training.autolabel`).
+`PixelGrid` presents an image array or a region of a `Slide` as a pixel grid at *any* pixel size (the model's:
+the output grid of auto-labels and uncertainty maps), resampling from the best pyramid level; `tiles` cuts a grid
+into cores with halos aligned to the model's stride (`napari_hrseg.tiling.Tiler`, crop-to-core); `probabilities`
+runs the model on one window.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -22,6 +18,7 @@ from ..errors import TrainingError
 from ..geometry import Region
 from ..models.base import HrsegModel, to_input_tensor
 from ..slide import Slide
+from ..tiling import Tiler
 from .resample import read_slide_at_mpp
 
 __all__ = ["PixelGrid", "tiles", "probabilities", "predict_probabilities"]
@@ -115,13 +112,9 @@ class PixelGrid:
 
 def tiles(shape: tuple[int, int], tile: int, halo: int, stride: int = 1) -> Iterator[tuple[Region, Region]]:
     """``(core, window)`` pairs covering a grid of ``shape``: cores partition it, windows add ``halo`` (both
-    rounded up to ``stride`` so every window starts on the model's feature lattice)."""
-    stride = max(1, int(stride))
-    tile = int(math.ceil(tile / stride) * stride)
-    halo = int(math.ceil(halo / stride) * stride)
-    for core in Region.from_shape(shape).grid(tile):
-        window = Region(core.row - halo, core.col - halo, tile + 2 * halo, tile + 2 * halo)
-        yield core, window
+    rounded up to ``stride`` so every window starts on the model's feature lattice); see `Tiler`."""
+    for t in Tiler(Region.from_shape(shape), tile_size=int(tile), halo=int(halo), stride=max(1, int(stride))):
+        yield t.core, t.window
 
 
 @torch.no_grad()
