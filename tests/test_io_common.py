@@ -181,3 +181,32 @@ def test_copied_dicom_directory_without_extension_sniffs(realdata, tmp_path):
         shutil.copy(f, tmp_path / f"instance{i}")
     slide = open_slide(tmp_path)
     assert slide.format == "dicom" and slide.level_count >= 5
+
+
+def test_decoded_chunk_cache_serves_repeated_reads(realdata):
+    """A second read of the same region decodes nothing; results are independent copies; the cache is bounded."""
+    from napari_hrseg.io._source import ChunkCache, chunk_cache
+
+    slide = open_slide(realdata / SIX_CONTAINERS[1][0])
+    region = Region(500, 400, 700, 600)
+    first = slide.read(region)
+    decodes = chunk_decode_count()
+    second = slide.read(region)
+    assert chunk_decode_count() == decodes and np.array_equal(first, second)
+    second[:] = 0  # callers own what they get
+    assert np.array_equal(slide.read(region), first)
+
+    small = ChunkCache(max_bytes=2000)
+    for i in range(10):
+        small.put(("k", i), np.zeros(400, np.uint8))
+    assert small.get(("k", 0)) is None and small.get(("k", 9)) is not None  # least recently used went first
+    assert sum(v.nbytes for v in small._entries.values()) <= 2000
+
+    saved = chunk_cache.max_bytes
+    chunk_cache.max_bytes = 0  # off: every read decodes
+    try:
+        decodes = chunk_decode_count()
+        slide.read(region)
+        assert chunk_decode_count() > decodes
+    finally:
+        chunk_cache.max_bytes = saved

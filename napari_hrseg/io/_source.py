@@ -19,11 +19,13 @@ chunk, raised from the dask task or the direct read alike.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
 import threading
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -34,7 +36,9 @@ import numpy as np
 from ..errors import CorruptSlideError, HrsegError
 
 __all__ = [
+    "ChunkCache",
     "ChunkSource",
+    "chunk_cache",
     "FileBytes",
     "as_dask",
     "build_levels",
@@ -124,6 +128,65 @@ class FileBytes:
         self.__init__(state["path"])
 
 
+class ChunkCache:
+    """A process-wide LRU of decoded chunks, bounded in bytes (default 256 MiB, ``$HRSEG_CHUNK_CACHE_MB``).
+
+    Overlapping reads are the rule: tiled inference reads halos twice, napari re-reads tiles while panning,
+    and DICOM frames or 256-px tiles are shared by neighbouring 512-px reads.  Decoding is the cost, so decoded
+    chunks are kept.  Entries are read-only arrays; readers hand out copies.  Thread-safe: the lock guards only
+    the dictionary, decoding happens outside it (two threads may rarely decode the same chunk twice).
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: tuple) -> np.ndarray | None:
+        with self._lock:
+            value = self._entries.get(key)
+            if value is None:
+                self.misses += 1
+                return None
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return value
+
+    def put(self, key: tuple, value: np.ndarray) -> None:
+        if value.nbytes > self.max_bytes // 4:
+            return
+        value.flags.writeable = False
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self._bytes -= old.nbytes
+            self._entries[key] = value
+            self._bytes += value.nbytes
+            while self._bytes > self.max_bytes and self._entries:
+                _, evicted = self._entries.popitem(last=False)
+                self._bytes -= evicted.nbytes
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._bytes = 0
+
+
+def _default_cache_bytes() -> int:
+    try:
+        return max(0, int(float(os.environ.get("HRSEG_CHUNK_CACHE_MB", "256")) * (1 << 20)))
+    except ValueError:
+        return 256 << 20
+
+
+#: The decoded-chunk cache shared by all sources (``chunk_cache.max_bytes = 0`` disables it).
+chunk_cache = ChunkCache(_default_cache_bytes())
+_SOURCE_IDS = itertools.count()
+
+
 class ChunkSource(ABC):
     """One pyramid level of a file as a grid of independently decodable chunks.
 
@@ -145,6 +208,8 @@ class ChunkSource(ABC):
     level: int = 0
     #: Decode chunks of one direct read in the shared pool when the read covers at least this many chunks.
     parallel_threshold: int = 3
+    #: Keep decoded chunks in `chunk_cache` (off for sources that hold their whole image anyway).
+    cacheable: bool = True
 
     @property
     def ndim(self) -> int:
@@ -174,7 +239,16 @@ class ChunkSource(ABC):
         """Decode chunk ``(iy, ix)``: an array of exactly its bounds' size ``(h, w, C)`` in `dtype`."""
 
     def read_chunk(self, iy: int, ix: int) -> np.ndarray:
-        """Decode one chunk; every failure becomes a `CorruptSlideError` naming the file, level and chunk."""
+        """Decode one chunk (or take it from `chunk_cache`); the result is read-only, copy before changing it.
+
+        Every failure becomes a `CorruptSlideError` naming the file, level and chunk.
+        """
+        use_cache = self.cacheable and chunk_cache.max_bytes > 0
+        if use_cache:
+            key = (self._cache_id(), iy, ix)
+            cached = chunk_cache.get(key)
+            if cached is not None:
+                return cached
         try:
             out = self._decode_chunk(iy, ix)
         except HrsegError:
@@ -188,7 +262,17 @@ class ChunkSource(ABC):
                 hint="the file is damaged or incompletely copied; copy or export the slide again",
             ) from exc
         count_decodes()
+        if use_cache:
+            chunk_cache.put(key, out)
         return out
+
+    def _cache_id(self) -> int:
+        # A process-unique id (never reused, unlike id()), assigned on first use.
+        cid = self.__dict__.get("_chunk_cache_id")
+        if cid is None:
+            with _POOL_LOCK:
+                cid = self.__dict__.setdefault("_chunk_cache_id", next(_SOURCE_IDS))
+        return cid
 
     def read_region(self, row0: int, row1: int, col0: int, col1: int) -> np.ndarray:
         """Pixels ``[row0:row1, col0:col1]`` of this level, ``(h, w, C)``; the bounds must lie inside the level."""
@@ -201,7 +285,7 @@ class ChunkSource(ABC):
         if len(cells) == 1:
             iy, ix = cells[0]
             r0, _, c0, _ = self.chunk_bounds(iy, ix)
-            return self.read_chunk(iy, ix)[row0 - r0 : row1 - r0, col0 - c0 : col1 - c0]
+            return self.read_chunk(iy, ix)[row0 - r0 : row1 - r0, col0 - c0 : col1 - c0].copy()
         out = np.empty((row1 - row0, col1 - col0, self.shape[2]), dtype=self.dtype)
 
         def place(cell: tuple[int, int]) -> None:

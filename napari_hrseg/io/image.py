@@ -51,6 +51,8 @@ def _kind(head: bytes) -> str | None:
 class WholeImageSource(ChunkSource):
     """A whole-file image decoded once on first use, then served in chunks."""
 
+    cacheable = False  # the decoded image is kept whole; caching its slices would hold it twice
+
     def __init__(self, path: Path, shape: tuple[int, int, int], dtype: np.dtype, decode: Callable[[], np.ndarray]):
         self.subject = str(path)
         self.path = path
