@@ -211,7 +211,6 @@ def _needs(arch):
 
 
 @_needs("magnet")
-@pytest.mark.slow
 def test_magnet_recipe_trains_the_segmenter_then_the_refiner(glas_split):
     model = _model("magnet", patch_size=64)
     gen = train(model, glas_split[0], (), TrainConfig(steps=4, batch_size=2, crop=96))
@@ -227,12 +226,12 @@ def test_magnet_recipe_trains_the_segmenter_then_the_refiner(glas_split):
 
 
 @_needs("glnet")
-@pytest.mark.slow
 def test_glnet_recipe_runs_its_three_modes(glas_split):
     model = _model("glnet")
     seen = [e.phase for e in train(model, glas_split[0], (), TrainConfig(steps=3, batch_size=1, crop=128))
             if isinstance(e, PhaseStarted)]
     assert seen == ["global", "global-to-local", "local-to-global"]
+    assert model.train_mode == 3  # the last phase's mode is left set
 
 
 @_needs("dupsampling")
@@ -251,7 +250,6 @@ def test_dupsampling_recipe_fits_the_basis_before_training(glas_split):
 
 
 @_needs("refinemask")
-@pytest.mark.slow
 def test_refinemask_recipe_feeds_instance_targets(realdata):
     sources = pair_files(realdata / "miccai2015-nuclei", PRESETS["miccai2015"])[:3]
     torch.manual_seed(0)
