@@ -203,7 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     print(header)
     print("-" * len(header))
     for name, level, mode, raw, sl, ratio, dk, dratio, same in rows:
-        print(f"{name:<26} {level:>3} {mode:<5} {raw:>9.1f} {sl:>10.1f} {ratio:>6.2f} {dk:>9.1f} {dratio:>6.2f}  {same}")
+        print(
+            f"{name:<26} {level:>3} {mode:<5} {raw:>9.1f} {sl:>10.1f} {ratio:>6.2f} {dk:>9.1f} {dratio:>6.2f}  {same}"
+        )
     worst = min(r[5] for r in rows)
     print(f"\nlowest Slide.read / raw ratio: {worst:.2f} (aim >= 0.8)")
     return 0

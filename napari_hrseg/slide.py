@@ -277,6 +277,10 @@ class Slide:
             kwargs["channel_axis"] = 2
             kwargs["name"] = [f"{self.name} [{c}]" for c in self.channel_names]
             kwargs["blending"] = "additive"
+            # readers store the file's display colours as "#rrggbb" (QPTIFF, OME); napari takes hex colormaps
+            colors = self.metadata.get("channel_colors")
+            if colors and len(colors) == self.n_channels:
+                kwargs["colormap"] = list(colors)
         return kwargs
 
     def close(self) -> None:

@@ -109,24 +109,56 @@ def write_svs(
     thumb_shape = (max(1, h * 256 // max(h, w)), max(1, w * 256 // max(h, w)))
     with tifffile.TiffWriter(path, bigtiff=False) as tw:
         base = f"{_APERIO_HEADER}{w}x{h} [0,0 {w}x{h}] ({tile}x{tile}) {kind}{props}"
-        tw.write(encode(levels[0]), tile=(tile, tile), compression=codec, compressionargs=args,
-                 photometric="rgb", description=base, metadata=None)
+        tw.write(
+            encode(levels[0]),
+            tile=(tile, tile),
+            compression=codec,
+            compressionargs=args,
+            photometric="rgb",
+            description=base,
+            metadata=None,
+        )
         thumb = downsample_mean(image, thumb_shape)
-        tw.write(thumb, compression="jpeg", compressionargs={"level": 80}, photometric="rgb", metadata=None,
-                 description=f"{_APERIO_HEADER}{w}x{h} -> {thumb_shape[1]}x{thumb_shape[0]} - {props}",
-                 rowsperstrip=16)
+        tw.write(
+            thumb,
+            compression="jpeg",
+            compressionargs={"level": 80},
+            photometric="rgb",
+            metadata=None,
+            description=f"{_APERIO_HEADER}{w}x{h} -> {thumb_shape[1]}x{thumb_shape[0]} - {props}",
+            rowsperstrip=16,
+        )
         for lev in levels[1:]:
             lh, lw = lev.shape[:2]
             desc = f"{_APERIO_HEADER}{w}x{h} [0,0 {w}x{h}] ({tile}x{tile}) -> {lw}x{lh} {kind}{props}"
-            tw.write(encode(lev), tile=(tile, tile), compression=codec, compressionargs=args,
-                     photometric="rgb", description=desc, metadata=None)
+            tw.write(
+                encode(lev),
+                tile=(tile, tile),
+                compression=codec,
+                compressionargs=args,
+                photometric="rgb",
+                description=desc,
+                metadata=None,
+            )
         label = np.full((120, 100, 3), 230, np.uint8)
         label[40:80, 20:80] = (30, 30, 160)
-        tw.write(label, compression="lzw", photometric="rgb", subfiletype=1, metadata=None,
-                 description=f"{_APERIO_HEADER}label 100x120")
+        tw.write(
+            label,
+            compression="lzw",
+            photometric="rgb",
+            subfiletype=1,
+            metadata=None,
+            description=f"{_APERIO_HEADER}label 100x120",
+        )
         macro = downsample_mean(image, (100, max(1, 100 * w // h)))
-        tw.write(macro, compression="jpeg", photometric="rgb", subfiletype=9, metadata=None,
-                 description=f"{_APERIO_HEADER}macro {macro.shape[1]}x{macro.shape[0]}")
+        tw.write(
+            macro,
+            compression="jpeg",
+            photometric="rgb",
+            subfiletype=9,
+            metadata=None,
+            description=f"{_APERIO_HEADER}macro {macro.shape[1]}x{macro.shape[0]}",
+        )
     return levels
 
 
@@ -140,9 +172,7 @@ def _jpeg_with_restarts(pixels: np.ndarray, mcus_per_interval: int, quality: int
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.fromarray(pixels).save(
-        buf, "JPEG", quality=quality, restart_marker_blocks=mcus_per_interval, subsampling=1
-    )
+    Image.fromarray(pixels).save(buf, "JPEG", quality=quality, restart_marker_blocks=mcus_per_interval, subsampling=1)
     data = buf.getvalue()
     sos = data.index(b"\xff\xda")
     sos_len = struct.unpack(">H", data[sos + 2 : sos + 4])[0]
@@ -200,7 +230,7 @@ def _write_ndpi_layout(path: Path, pages: list, props: str) -> None:
     def ascii(text: str) -> bytes:
         return text.encode("ascii") + b"\0"
 
-    for (shape, data, lens, ppcm, extra) in pages:
+    for shape, data, lens, ppcm, extra in pages:
         height, width = shape[:2]
         strip_offset = len(out)
         out += data
@@ -209,15 +239,16 @@ def _write_ndpi_layout(path: Path, pages: list, props: str) -> None:
         res = (int(round(ppcm * 1000)), 1000)
         tags: list[tuple[int, int, int, bytes]] = []  # code, type, count, value bytes
 
-        def add(code: int, typ: int, values, fmt: str | None = None) -> None:
+        def add(code: int, typ: int, values, tags=tags) -> None:
+            """Append a tag: ``typ`` 2 ASCII, 3 SHORT, 4 LONG, 5 RATIONAL (pairs), 9 SLONG, 11 FLOAT."""
             if typ == 2:
                 raw = ascii(values)
                 tags.append((code, typ, len(raw), raw))
                 return
             values = list(values) if isinstance(values, (list, tuple)) else [values]
-            fmt = fmt or {3: "H", 4: "I", 5: "II", 9: "i", 11: "f"}[typ]
             flat = [v for pair in values for v in pair] if typ == 5 else values
-            tags.append((code, typ, len(values), struct.pack("<" + fmt[0] * len(flat) if typ != 5 else "<" + "I" * len(flat), *flat)))
+            code_char = {3: "H", 4: "I", 5: "I", 9: "i", 11: "f"}[typ]
+            tags.append((code, typ, len(values), struct.pack("<" + code_char * len(flat), *flat)))
 
         add(256, 4, width)
         add(257, 4, height)

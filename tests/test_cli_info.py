@@ -51,9 +51,7 @@ def test_info_prints_slide_facts(realdata, capsys):
 
 
 def _run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "napari_hrseg", *args], capture_output=True, text=True, timeout=120
-    )
+    return subprocess.run([sys.executable, "-m", "napari_hrseg", *args], capture_output=True, text=True, timeout=120)
 
 
 @pytest.mark.parametrize("case", ["nonconforming dicom", "truncated file"])

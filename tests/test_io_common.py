@@ -134,8 +134,11 @@ def broken_inputs(realdata: Path, tmp_path_factory) -> dict[str, tuple[Path, typ
     text.write_text("these are my notes, not an image\n" * 20)
     store, key = zarr_without_a_chunk(realdata / CMU / "CMU-1-Small-Region.ome.zarr", d / "lost-chunk.ome.zarr")
     return {
-        "truncated tiff": (truncated_copy(realdata / CMU / "CMU-1-Small-Region.ome.tif", d / "cut.ome.tif"),
-                           CorruptSlideError, "truncated"),
+        "truncated tiff": (
+            truncated_copy(realdata / CMU / "CMU-1-Small-Region.ome.tif", d / "cut.ome.tif"),
+            CorruptSlideError,
+            "truncated",
+        ),
         "zarr missing chunk": (store, CorruptSlideError, key),
         "not an image": (text, UnsupportedFormatError, "not"),
         "nonconforming dicom": (realdata / "dicom-wsi/pathml_small_dicom.dcm", UnsupportedFormatError, "conforming"),

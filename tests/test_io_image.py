@@ -19,7 +19,9 @@ def test_realdata_pngs_and_jpeg(realdata):
     rgba = open_slide(realdata / "miccai2015-nuclei/image01.png")
     assert rgba.shape == (488, 643, 3) and rgba.is_rgb and rgba.format == "png"
     assert any("RGBA -> RGB" in c for c in rgba.conversions)
-    assert np.array_equal(rgba.read(Region(0, 0, 488, 643)), np.asarray(Image.open(realdata / "miccai2015-nuclei/image01.png"))[..., :3])
+    assert np.array_equal(
+        rgba.read(Region(0, 0, 488, 643)), np.asarray(Image.open(realdata / "miccai2015-nuclei/image01.png"))[..., :3]
+    )
 
     label = open_slide(realdata / "miccai2015-nuclei/image01_label.png")
     assert label.shape == (488, 643, 1) and label.dtype == np.uint16
@@ -33,7 +35,9 @@ def test_realdata_pngs_and_jpeg(realdata):
 
     jpeg = open_slide(realdata / "stardist-wheel/histo.jpg")
     assert jpeg.format == "jpeg" and jpeg.shape == (300, 500, 3)
-    assert np.array_equal(jpeg.read(Region(0, 0, 300, 500)), np.asarray(Image.open(realdata / "stardist-wheel/histo.jpg")))
+    assert np.array_equal(
+        jpeg.read(Region(0, 0, 300, 500)), np.asarray(Image.open(realdata / "stardist-wheel/histo.jpg"))
+    )
 
 
 def _png_with_phys(path: Path, image: np.ndarray, pixels_per_metre: int) -> None:

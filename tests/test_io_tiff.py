@@ -131,6 +131,7 @@ def test_realdata_qptiff_is_channel_first_multiplex(realdata):
     assert np.array_equal(slide.read(Region(0, 0, 1440, 1920)), np.moveaxis(cyx, 0, -1))
     kwargs = slide.layer_kwargs()
     assert kwargs["channel_axis"] == 2 and kwargs["name"][0].endswith("[DAPI]")
+    assert kwargs["colormap"] == ["#0000ff", "#00ff00", "#ffff00"]  # the scanner's display colours
 
 
 def test_realdata_ome_and_vips_pixel_size(realdata):
@@ -147,7 +148,9 @@ def test_plain_uint16_tiff_kept_single_channel(realdata):
     assert slide.shape == (512, 512, 1) and slide.dtype == np.uint16
     assert slide.mpp_yx is None
     assert any("uint16" in c for c in slide.conversions) and any("single channel" in c for c in slide.conversions)
-    assert np.array_equal(slide.read(Region(0, 0, 512, 512))[..., 0], tifffile.imread(realdata / "stardist-wheel/img2d.tif"))
+    assert np.array_equal(
+        slide.read(Region(0, 0, 512, 512))[..., 0], tifffile.imread(realdata / "stardist-wheel/img2d.tif")
+    )
 
 
 def test_large_uncompressed_strip_is_read_in_row_blocks(tmp_path):

@@ -15,7 +15,9 @@ from napari_hrseg.errors import CorruptSlideError
 CMU = "derived-from-cmu1"
 
 
-@pytest.mark.parametrize("name,version", [("CMU-1-Small-Region.ome.zarr", "0.4"), ("CMU-1-Small-Region.ome-v05.zarr", "0.5")])
+@pytest.mark.parametrize(
+    "name,version", [("CMU-1-Small-Region.ome.zarr", "0.4"), ("CMU-1-Small-Region.ome-v05.zarr", "0.5")]
+)
 def test_realdata_ome_zarr(realdata, name, version):
     slide = open_slide(realdata / CMU / name)
     assert slide.format == f"ome-zarr-{version}" and slide.metadata["ngff.version"] == version
@@ -42,7 +44,9 @@ def _ngff_5d(root: Path, *, zarr_format: int, unit: str = "nanometer") -> np.nda
     for i, f in enumerate((1, 2)):
         level = data[..., ::f, ::f]
         group.create_array(str(i), data=level, chunks=(1, 1, 1, 128, 128))
-        datasets.append({"path": str(i), "coordinateTransformations": [{"type": "scale", "scale": [1, 1, 500, 250 * f, 250 * f]}]})
+        datasets.append(
+            {"path": str(i), "coordinateTransformations": [{"type": "scale", "scale": [1, 1, 500, 250 * f, 250 * f]}]}
+        )
     ms = {"axes": axes, "datasets": datasets, "name": "five-d"}
     omero = {"channels": [{"label": "DAPI", "color": "0000FF"}, {"label": "CD8", "color": "00FF00"}]}
     if zarr_format == 2:
@@ -59,11 +63,14 @@ def test_ngff_axes_units_and_planes(tmp_path, zarr_format):
     assert slide.shape == (300, 200, 2) and slide.dtype == np.uint16
     assert slide.mpp_yx == pytest.approx((0.25, 0.25))  # 250 nanometre
     assert slide.channel_names == ("DAPI", "CD8") and not slide.is_rgb
+    assert slide.layer_kwargs()["colormap"] == ["#0000ff", "#00ff00"]
     assert any("axis t has 2 planes" in c for c in slide.conversions)
     assert any("axis z has 3 planes" in c for c in slide.conversions)
     assert np.array_equal(slide.read(Region(0, 0, 300, 200)), np.moveaxis(data[0, :, 0], 0, -1))
     other = open_slide(tmp_path / "five.ome.zarr", planes={"z": 2, "t": 1})
-    assert np.array_equal(other.read_level(1, Region(10, 20, 50, 60)), np.moveaxis(data[1, :, 2, ::2, ::2], 0, -1)[10:60, 20:80])
+    assert np.array_equal(
+        other.read_level(1, Region(10, 20, 50, 60)), np.moveaxis(data[1, :, 2, ::2, ::2], 0, -1)[10:60, 20:80]
+    )
 
 
 def test_ngff_without_units_states_no_pixel_size(tmp_path):

@@ -15,7 +15,17 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["TiffInfo", "aperio_info", "ome_info", "ndpi_info", "qpi_info", "generic_info", "resolution_mpp", "to_um"]
+__all__ = [
+    "TiffInfo",
+    "aperio_info",
+    "ome_info",
+    "ndpi_info",
+    "qpi_info",
+    "generic_info",
+    "resolution_mpp",
+    "rgb_to_hex",
+    "to_um",
+]
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +123,24 @@ def _number(text: Any) -> float | None:
     return value if value > 0 else None
 
 
+def rgb_to_hex(text: str) -> str | None:
+    """``"0,0,255"`` (QPTIFF), ``"0000FF"`` (OME-Zarr omero) or a signed RGBA int (OME-XML) -> ``"#0000ff"``."""
+    text = str(text).strip()
+    try:
+        if "," in text:
+            r, g, b = (int(float(v)) for v in text.split(",")[:3])
+        elif len(text) == 6 and all(ch in "0123456789abcdefABCDEF" for ch in text):
+            r, g, b = int(text[0:2], 16), int(text[2:4], 16), int(text[4:6], 16)
+        else:
+            value = int(text) & 0xFFFFFFFF  # OME: RGBA packed in a signed 32-bit int
+            r, g, b = (value >> 24) & 255, (value >> 16) & 255, (value >> 8) & 255
+    except ValueError:
+        return None
+    if not all(0 <= v <= 255 for v in (r, g, b)):
+        return None
+    return f"#{r:02x}{g:02x}{b:02x}"
+
+
 # ---------------------------------------------------------------------- Aperio SVS
 def parse_aperio_description(description: str) -> dict[str, str]:
     """Split an Aperio ImageDescription into its properties.
@@ -182,9 +210,13 @@ def ome_info(xml: str, image_index: int = 0) -> TiffInfo:
         for key in ("DimensionOrder", "Type", "SizeC", "SizeZ", "SizeT"):
             if pixels.get(key) is not None:
                 info.metadata[f"ome.Pixels.{key}"] = pixels.get(key)
-        names = [ch.get("Name", "") for ch in pixels if _strip_ns(ch.tag) == "Channel"]
+        channels = [ch for ch in pixels if _strip_ns(ch.tag) == "Channel"]
+        names = [ch.get("Name", "") for ch in channels]
         if names and all(names):
             info.channel_names = tuple(names)
+        colors = [rgb_to_hex(ch.get("Color", "")) for ch in channels]
+        if colors and all(colors):
+            info.metadata["channel_colors"] = tuple(colors)
     # Objective: Image/ObjectiveSettings@ID -> Instrument/Objective@NominalMagnification
     settings = next((el for el in image if _strip_ns(el.tag) == "ObjectiveSettings"), None)
     objectives = {
@@ -261,8 +293,9 @@ def qpi_info(pages: list[Any]) -> TiffInfo:
             if info.objective_power is None:
                 info.objective_power = _number(root.findtext("Objective"))
     info.channel_names = tuple(names)
-    if colors and all(colors):
-        info.metadata["channel_colors"] = tuple(colors)
+    hexes = [rgb_to_hex(c) for c in colors]
+    if hexes and all(hexes) and len(hexes) == len(names):
+        info.metadata["channel_colors"] = tuple(hexes)
     info.mpp_yx, note = resolution_mpp(pages[0])
     if info.mpp_yx is None and "qptiff.ScanResolution.PixelSizeMicrons" in info.metadata:
         nominal = info.metadata["qptiff.ScanResolution.PixelSizeMicrons"]

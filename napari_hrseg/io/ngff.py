@@ -34,7 +34,7 @@ from ..errors import CorruptSlideError, SlideError, UnsupportedFormatError
 from ..slide import Slide
 from ._convert import NOTES
 from ._source import ChunkSource, build_levels, count_decodes, file_token
-from ._tiff_meta import to_um
+from ._tiff_meta import rgb_to_hex, to_um
 
 __all__ = ["ZarrReader", "StrictChunkStore", "ZarrLevelSource"]
 
@@ -274,7 +274,11 @@ class ZarrReader:
                     ) from exc
                 axes = _ngff_axes(ms, arrays[0].ndim)
                 mpp_yx = _ngff_mpp(ms, axes)
-                channel_names = _omero_channel_names(ome.get("omero") or attrs.get("omero"))
+                omero = ome.get("omero") or attrs.get("omero")
+                channel_names = _omero_channel_names(omero)
+                colors = _omero_channel_colors(omero)
+                if colors:
+                    metadata["channel_colors"] = colors
             else:
                 arrays = sorted((a for _, a in node.arrays()), key=lambda a: -math.prod(a.shape))
                 if not arrays:
@@ -408,6 +412,13 @@ def _omero_channel_names(omero: Any) -> tuple[str, ...]:
         return ()
     names = tuple(str(ch.get("label", "")) for ch in omero.get("channels", []) if isinstance(ch, Mapping))
     return names if names and all(names) else ()
+
+
+def _omero_channel_colors(omero: Any) -> tuple[str, ...]:
+    if not isinstance(omero, Mapping):
+        return ()
+    colors = tuple(rgb_to_hex(ch.get("color", "")) for ch in omero.get("channels", []) if isinstance(ch, Mapping))
+    return colors if colors and all(colors) else ()  # type: ignore[return-value]
 
 
 def _plan_axes(
