@@ -151,8 +151,14 @@ def run(args: argparse.Namespace) -> int:
     )
     client = cluster = None
     if args.workers is not None or args.scheduler:
+        if not getattr(args, "debug", False):  # dask's own INFO lines would bury the progress bar
+            import distributed  # noqa: F401  (its import sets its loggers' levels; override them after)
+
+            for name in ("distributed", "bokeh", "tornado"):
+                logging.getLogger(name).setLevel(logging.WARNING)
         client, cluster = make_client(args.workers, args.scheduler)
-        log.info("dask: %s", client.dashboard_link if cluster is None else f"{args.workers} local worker processes")
+        workers = len(client.scheduler_info().get("workers", {}))
+        log.info("dask: %d workers, dashboard %s", workers, client.dashboard_link)
     bar = tqdm(total=0, unit="tile", disable=args.no_progress or None, dynamic_ncols=True)
     failures: list[tuple[str, Exception]] = []
     keep_going = len(slides) > 1 and not args.fail_fast

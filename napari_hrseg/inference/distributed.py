@@ -219,7 +219,7 @@ def make_client(workers: int | None = None, scheduler: str | None = None):
     if not workers or workers < 1:
         raise HrsegError(f"--workers {workers} must be at least 1", subject="--workers")
     cluster = LocalCluster(
-        n_workers=int(workers), threads_per_worker=1, processes=True, dashboard_address=None,
+        n_workers=int(workers), threads_per_worker=1, processes=True, dashboard_address=":0",  # any free port
         silence_logs=logging.WARNING,
     )
     return Client(cluster), cluster
