@@ -239,3 +239,7 @@ def test_virtual_slide_ground_truth_as_a_source():
     assert np.array_equal(crop.image, vs.slide.levels[2][100:164, 140:236].compute())
     train, val = split_by_image([source], 0.25, seed=0)
     assert len(train) == 3 and len(val) == 1 and len(dataset_fingerprint([source])) == 16
+    # Validation on a slide reads a bounded, fixed subset of its tiles.
+    a = tile_samples(val, 2.0, tile=64, max_tiles=3, seed=1)
+    b = tile_samples(val, 2.0, tile=64, max_tiles=3, seed=1)
+    assert len(a) == 3 and all(np.array_equal(x.labels, y.labels) for x, y in zip(a, b))

@@ -746,18 +746,22 @@ class CropSampler:
             yield self._one()
 
 
-def tile_samples(sources: Iterable[LabelledSource], mpp: float, tile: int = 1024) -> list[Sample]:
+def tile_samples(sources: Iterable[LabelledSource], mpp: float, tile: int = 1024, *, max_tiles: int | None = None,
+                 seed: int = 0) -> list[Sample]:
     """Cover each source with non-overlapping tiles of at most ``tile`` px (validation; no augmentation).
 
     An image no larger than ``tile`` is one sample of its own size, so per-image metrics (AJI, PQ) are computed
-    on whole images like ``eval_instances.py`` does.
+    on whole images like ``eval_instances.py`` does.  ``max_tiles`` bounds memory on slides: when there are more
+    tiles, a subset drawn with ``seed`` is read (the same one every time).
     """
-    out = []
+    tiles = []
     for s in sources:
         h, w = s.size_at(mpp)
-        for reg in Region(0, 0, h, w).grid(tile):
-            out.append(s.read(reg, mpp))
-    return out
+        tiles.extend((s, reg) for reg in Region(0, 0, h, w).grid(tile))
+    if max_tiles is not None and len(tiles) > max_tiles:
+        keep = np.sort(np.random.default_rng(seed).choice(len(tiles), size=max_tiles, replace=False))
+        tiles = [tiles[i] for i in keep]
+    return [s.read(reg, mpp) for s, reg in tiles]
 
 
 def dataset_fingerprint(sources: Iterable[LabelledSource]) -> str:

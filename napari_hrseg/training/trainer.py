@@ -92,6 +92,8 @@ class TrainConfig:
         Validate every this many steps (and at the end of each phase); 0 = ten times per phase.
     val_tile : int
         Validation images up to this size are evaluated whole; larger ones in tiles of this size.
+    val_max_tiles : int
+        At most this many validation tiles (a fixed, seeded subset of a slide's tiles), to bound memory and time.
     patience : int, optional
         Stop a phase after this many validations without improvement (early stopping); None = never.
     monitor : str
@@ -129,6 +131,7 @@ class TrainConfig:
     warmup_steps: int = 0
     val_every: int = 0
     val_tile: int = 1024
+    val_max_tiles: int = 64
     patience: int | None = None
     monitor: str = "auto"
     seed: int = 0
@@ -450,7 +453,8 @@ def train(model: HrsegModel, train_sources: Sequence[LabelledSource], val_source
     sampler = CropSampler(train_sources, mpp, config.crop, seed=config.seed, augment=config.augment,
                           min_labelled=config.min_labelled)
     total, per_epoch = _plan_steps(config, sampler)
-    val_samples = tile_samples(val_sources, mpp, config.val_tile) if val_sources else []
+    val_samples = (tile_samples(val_sources, mpp, config.val_tile, max_tiles=config.val_max_tiles, seed=config.seed)
+                   if val_sources else [])
     monitor = config.monitor
     if monitor == "auto":
         has_inst = model.config.task == "instance" and any(s.instances is not None for s in val_samples)
