@@ -84,6 +84,7 @@ def test_a_file_without_pixel_size_needs_mpp(tmp_path, model_dir, realdata, caps
     assert read_ome_zarr_labels(tmp_path / "h.ome.zarr").shape == (300, 500)
 
 
+@pytest.mark.slow
 def test_resume_after_the_process_is_killed(tmp_path, model_dir, caplog):
     out = tmp_path / "killed.ome.zarr"
     done_dir = tmp_path / "killed.ome.zarr.hrseg-work" / "done"
