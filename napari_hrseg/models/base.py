@@ -121,7 +121,9 @@ def to_input_tensor(pixels: np.ndarray, config: ModelConfig, device: torch.devic
     else:
         scale = 1.0
     t = torch.from_numpy(np.ascontiguousarray(arr)).to(device)
-    t = t.permute(0, 3, 1, 2).float().div_(scale)
+    # permute() of an NHWC array gives a channels-last view; make it a plain NCHW tensor, because some CPU
+    # kernels of torch 2.13 corrupt the heap in backward on channels-last inputs of this FPN.
+    t = t.permute(0, 3, 1, 2).float().div_(scale).contiguous()
     mean = torch.tensor(config.mean, device=t.device).view(1, -1, 1, 1)
     std = torch.tensor(config.std, device=t.device).view(1, -1, 1, 1)
     return (t - mean) / std
