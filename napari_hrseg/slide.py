@@ -65,7 +65,7 @@ class Slide:
         Optional, one per level (or ``None``): an object with ``read_region(row0, row1, col0, col1) -> ndarray``
         giving exactly the pixels of the dask level, read without building a dask graph.  :meth:`read_level` uses
         it when present, because a graph per small read costs more than decoding the tiles (see
-        ``benchmarks/bench_io.py``); levels computed by dask (coarsened levels, virtual slides) leave it ``None``.
+        ``benchmarks/bench_io.py``); a slide without one (e.g. a virtual slide) is read through its dask levels.
     """
 
     levels: tuple[da.Array, ...]
@@ -151,7 +151,8 @@ class Slide:
         A 3-channel multiplex image with named channels (QPTIFF ``DAPI, FITC, Cy3``) is not RGB: its channels are
         shown as separate layers.
         """
-        return self.n_channels == 3 and self.dtype == np.uint8 and self.channel_names == ("R", "G", "B")
+        names = tuple(n.strip().lower() for n in self.channel_names)
+        return self.n_channels == 3 and self.dtype == np.uint8 and names in (("r", "g", "b"), ("red", "green", "blue"))
 
     @property
     def background_value(self) -> int | float:
