@@ -336,6 +336,12 @@ def _build(
         for lev_index, level in enumerate(series.levels):
             pages, notes = _channel_pages(level, planes, path)
             kf = level.keyframe
+            if kf.dtype is None:
+                raise UnsupportedFormatError(
+                    f"{kf.bitspersample}-bit samples of format {kf.sampleformat} are not supported",
+                    subject=path,
+                    hint="convert the image to 8, 16 or 32-bit samples (e.g. with bfconvert or vips)",
+                )
             post, out_channels, out_dtype, post_notes = _post_conversion(kf, len(pages))
             if lev_index == 0:
                 conversions.extend(notes + post_notes)
