@@ -99,12 +99,14 @@ def test_train_command_on_a_slide_with_a_label_store(realdata, tmp_path):
     from napari_hrseg.slide import open_slide
 
     image = np.asarray(Image.open(realdata / "glas-test-subset" / "images" / "testA_1.png"))
-    mask = (np.asarray(Image.open(realdata / "glas-test-subset" / "labels_binary" / "testA_1.png")) > 0).astype(np.uint8)
+    mask_png = realdata / "glas-test-subset" / "labels_binary" / "testA_1.png"
+    mask = (np.asarray(Image.open(mask_png)) > 0).astype(np.uint8)
     slide_path = tmp_path / "glas.tif"
     tifffile.imwrite(slide_path, image, tile=(256, 256), photometric="rgb",
                      resolution=(1e4 / 0.62005, 1e4 / 0.62005), resolutionunit="CENTIMETER")
     slide = open_slide(slide_path)
-    with LabelStore.create(tmp_path / "glas.hrseg-labels", slide, level=0, class_names=("background", "gland")) as store:
+    store_path = tmp_path / "glas.hrseg-labels"
+    with LabelStore.create(store_path, slide, level=0, class_names=("background", "gland")) as store:
         store.write(Region(0, 0, *mask.shape), mask)
     out = tmp_path / "model"
     rc = main(["train", "--model", "fpn", "--data", str(slide_path), "--labels", str(tmp_path / "glas.hrseg-labels"),

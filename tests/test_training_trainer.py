@@ -150,7 +150,8 @@ def test_bad_settings_are_refused_clearly(glas_split):
 def test_cuda_training_with_autocast(glas_split):  # pragma: no cover - no GPU in CI
     train_src, val_src = glas_split
     model = _model()
-    events, result = _run(train(model, train_src, val_src[:1], TrainConfig(steps=4, batch_size=2, crop=64, device="cuda")))
+    config = TrainConfig(steps=4, batch_size=2, crop=64, device="cuda")
+    events, result = _run(train(model, train_src, val_src[:1], config))
     assert result.device.startswith("cuda") and model.device.type == "cuda"
     assert all(np.isfinite(e.loss) for e in events if isinstance(e, TrainStep))
 
@@ -176,7 +177,8 @@ def test_phases_run_in_order_with_their_own_optimiser(glas_split):
             return [Phase("all", 0.5, lambda m: entered.append("all")), Phase("head", 0.5, freeze, lr_scale=0.5)]
 
     model = _model()
-    gen = train(model, glas_split[0], (), TrainConfig(steps=4, batch_size=2, crop=64, freeze_norm=True), recipe=TwoPhase())
+    config = TrainConfig(steps=4, batch_size=2, crop=64, freeze_norm=True)
+    gen = train(model, glas_split[0], (), config, recipe=TwoPhase())
     snapshot = None
     phases = []
     for event in gen:
@@ -255,5 +257,6 @@ def test_refinemask_recipe_feeds_instance_targets(realdata):
     torch.manual_seed(0)
     model = create_model("refinemask", num_classes=2, mpp=0.5, widths=(16, 32, 64, 128))
     assert recipe_for(model).needs_instances
-    steps = [e for e in train(model, sources, (), TrainConfig(steps=2, batch_size=1, crop=96)) if isinstance(e, TrainStep)]
+    events = train(model, sources, (), TrainConfig(steps=2, batch_size=1, crop=96))
+    steps = [e for e in events if isinstance(e, TrainStep)]
     assert len(steps) == 2 and all("mask" in e.losses and e.losses["rois"] > 0 for e in steps)

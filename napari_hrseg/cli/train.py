@@ -219,7 +219,8 @@ def run(args) -> int:
                                     seed_everything, train)
 
     if bool(args.model) == bool(args.init):
-        raise TrainingError("give exactly one of --model ARCH (from scratch) or --init MODEL (continue)", subject="train")
+        raise TrainingError("give exactly one of --model ARCH (from scratch) or --init MODEL (continue)",
+                            subject="train")
     if args.steps is None and args.epochs is None:
         raise TrainingError("how long to train is not given", subject="train", hint="pass --steps N or --epochs E")
     out: Path = args.out
@@ -271,7 +272,8 @@ def run(args) -> int:
                 if bar is None:
                     bar = tqdm(total=None, unit="step", disable=args.no_progress, dynamic_ncols=True)
                 if event.count > 1:
-                    bar.write(f"phase {event.index + 1}/{event.count}: {event.phase} ({event.steps} steps)", file=sys.stderr)
+                    bar.write(f"phase {event.index + 1}/{event.count}: {event.phase} ({event.steps} steps)",
+                              file=sys.stderr)
             elif isinstance(event, TrainStep):
                 if bar is not None:
                     bar.total = event.total_steps

@@ -363,12 +363,14 @@ def storage_report(model: HrsegModel, source: np.ndarray | Slide, *, region: Reg
         try:
             for core, window in tiles(grid.shape, tile, halo, model.stride):
                 p = probabilities(model, grid.read(window))
-                soft[(slice(None),) + core.slices] = p[(slice(None),) + core.relative_to(window).slices].astype(np.float16)
+                inner = (slice(None),) + core.relative_to(window).slices
+                soft[(slice(None),) + core.slices] = p[inner].astype(np.float16)
         finally:
             model.train(was_training)
         h, w = grid.shape
         soft_path = tmp / "soft.zarr"
-        return StorageReport(h * w, c, _disk_bytes(hard.path, chunks_only=True), _disk_bytes(soft_path, chunks_only=True),
+        return StorageReport(h * w, c,
+                             _disk_bytes(hard.path, chunks_only=True), _disk_bytes(soft_path, chunks_only=True),
                              _disk_bytes(hard.path, chunks_only=False), _disk_bytes(soft_path, chunks_only=False))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -160,7 +160,8 @@ def labels_from_raw(raw: np.ndarray, kind: str, label_map: Mapping[int, int] | N
                     subject: str = "labels") -> tuple[np.ndarray, np.ndarray | None]:
     """Turn a raw label image into ``(labels uint8, instances int32 or None)`` according to ``kind``."""
     if kind not in LABEL_KINDS:
-        raise TrainingError(f"unknown label kind {kind!r}", subject=subject, hint=f"use one of {', '.join(LABEL_KINDS)}")
+        raise TrainingError(f"unknown label kind {kind!r}", subject=subject,
+                            hint=f"use one of {', '.join(LABEL_KINDS)}")
     if label_map:
         out = np.full(raw.shape, IGNORE_INDEX, np.uint8)
         for value, cls in label_map.items():
@@ -628,7 +629,8 @@ def detect_layout(root: str | Path) -> PairingRule:
     if any(root.glob("*_label.png")):
         return PRESETS["miccai2015"]
     raise TrainingError("the folder layout is not one of the known ones", subject=root,
-                        hint=f'known: {", ".join(PRESETS)}; otherwise pass --pair "IMAGE_GLOB:LABEL_TEMPLATE" and --label-kind')
+                        hint=f'known: {", ".join(PRESETS)}; otherwise pass --pair "IMAGE_GLOB:LABEL_TEMPLATE" '
+                             'and --label-kind')
 
 
 # ---------------------------------------------------------------------------------------------- split

@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Generator, Iterable, Sequence
 
 import numpy as np
-import torch
 
 from ..errors import TrainingError
 from ..geometry import Region
@@ -62,6 +61,10 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+#: Fine-tuning augmentation: all orientations, but gentler colour changes than training from scratch (the
+#: corrections come from the slide being reviewed, whose stain is what matters now).
+LIGHT_AUGMENT = Augment(hed_alpha=0.05, hed_beta=0.01, brightness=0.03, contrast=0.05)
 
 
 @dataclass(frozen=True)
@@ -93,7 +96,8 @@ class FineTuneFinished:
     seconds: float
 
 
-def teacher_coarse_labels(model: HrsegModel, samples: Iterable[Sample], threshold: float = DEFAULT_THRESHOLD) -> list[Sample]:
+def teacher_coarse_labels(model: HrsegModel, samples: Iterable[Sample],
+                          threshold: float = DEFAULT_THRESHOLD) -> list[Sample]:
     """Coarse labels of ``model`` on the images of ``samples`` (same keys), for merging with corrections."""
     out = []
     for s in samples:
@@ -145,8 +149,8 @@ def corrected_accuracy(model: HrsegModel, corrections: Sequence[Sample]) -> floa
     return hit / total if total else float("nan")
 
 
-def fine_tune(model: HrsegModel, corrections: Iterable[Sample], coarse_labels: Iterable[Sample] | str | None = "teacher",
-              *, out: str | Path | None = None, steps: int = 200, crop: int = 160, batch_size: int = 4,
+def fine_tune(model: HrsegModel, corrections: Iterable[Sample],
+              coarse_labels: Iterable[Sample] | str | None = "teacher", *, out: str | Path | None = None, steps: int = 200, crop: int = 160, batch_size: int = 4,
               lr: float = 2e-4, weight_decay: float = 1e-4, correction_weight: float = 3.0, coarse_weight: float = 1.0,
               coarse_threshold: float = DEFAULT_THRESHOLD, freeze_norm: bool = True, augment: Augment | None = None,
               seed: int = 0, device: str = "auto", version: str | None = None, name: str | None = None,
@@ -210,7 +214,8 @@ def fine_tune(model: HrsegModel, corrections: Iterable[Sample], coarse_labels: I
     corrections = [_at_model_mpp(c, model) for c in corrections]
     if isinstance(coarse_labels, str):
         if coarse_labels != "teacher":
-            raise TrainingError(f"coarse_labels={coarse_labels!r} is not 'teacher', samples or None", subject="fine_tune")
+            raise TrainingError(f"coarse_labels={coarse_labels!r} is not 'teacher', samples or None",
+                                subject="fine_tune")
         coarse = teacher_coarse_labels(model, corrections, coarse_threshold)
     else:
         coarse = [_at_model_mpp(s, model) for s in (coarse_labels or ())]
@@ -224,7 +229,7 @@ def fine_tune(model: HrsegModel, corrections: Iterable[Sample], coarse_labels: I
         steps=steps, batch_size=batch_size, crop=crop, lr=lr, weight_decay=weight_decay, optimizer="adamw",
         schedule="cosine", warmup_steps=min(10, steps // 10), val_every=max(1, steps // 4) if val_sources else 0,
         seed=seed, device=device, freeze_norm=freeze_norm, min_labelled=0.02,
-        augment=augment if augment is not None else Augment(hed_alpha=0.05, hed_beta=0.01, brightness=0.03, contrast=0.05),
+        augment=augment if augment is not None else LIGHT_AUGMENT,
         log_path=None if log_path is None else Path(log_path),
     )
     gen = train(student, sources, val_sources, config, cancel=cancel)

@@ -80,9 +80,10 @@ class ConfusionMatrix:
         (mean Dice over the foreground classes 1.. present; the class's Dice for a binary problem), ``acc``
         (pixel accuracy) and ``iou_<k>`` per class."""
         iou, dice = self.iou(), self.dice()
+        fg_dice = dice[1:]
         out = {
             "miou": float(np.nanmean(iou)) if np.any(~np.isnan(iou)) else float("nan"),
-            "dice": float(np.nanmean(dice[1:])) if self.num_classes > 1 and np.any(~np.isnan(dice[1:])) else float("nan"),
+            "dice": float(np.nanmean(fg_dice)) if fg_dice.size and np.any(~np.isnan(fg_dice)) else float("nan"),
             "acc": float(np.trace(self.matrix) / self.total) if self.total else float("nan"),
         }
         out.update({f"iou_{k}": float(v) for k, v in enumerate(iou)})

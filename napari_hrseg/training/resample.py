@@ -75,7 +75,10 @@ def resize_box(arr: np.ndarray, box: Box, shape: tuple[int, int], *, nearest: bo
                      box=(c0, r0, c1, r1))
     res = np.asarray(out)
     if res.dtype != dtype:
-        res = res.astype(dtype) if nearest or dtype.kind == "f" else np.clip(np.rint(res), 0, np.iinfo(dtype).max).astype(dtype)
+        if nearest or dtype.kind == "f":
+            res = res.astype(dtype)
+        else:
+            res = np.clip(np.rint(res), 0, np.iinfo(dtype).max).astype(dtype)
     return res
 
 

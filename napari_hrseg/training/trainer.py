@@ -293,6 +293,11 @@ def _make_optimizer(params: list[torch.nn.Parameter], config: TrainConfig, lr: f
     return torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
 
 
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    """Mixed precision on ``device`` with ``dtype``, or nothing (float32) when ``dtype`` is None."""
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
 def _freeze_norm(model: torch.nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
@@ -337,7 +342,9 @@ def _json_default(obj: Any) -> Any:
 
 
 def _finite(d: dict[str, float]) -> dict[str, float]:
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}  # type: ignore[misc]
+    # JSON has no NaN: an undefined metric (a class absent from the split) is written as null.
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)  # type: ignore[misc]
+            for k, v in d.items()}
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -365,8 +372,7 @@ def evaluate(model: HrsegModel, samples: Sequence[Sample], *, recipe: Recipe | N
             if is_cancelled(cancel):
                 raise Cancelled("validation was cancelled", subject="training")
             batch = recipe.collate([s], model, device)
-            ctx = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
-            with ctx:
+            with _autocast(device, amp_dtype):
                 logits = recipe.predict(model, batch.image, phase=phase).float()
             pred = logits.argmax(1)
             cm.update(pred.cpu().numpy(), s.labels)
@@ -514,8 +520,7 @@ def train(model: HrsegModel, train_sources: Sequence[LabelledSource], val_source
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 batch = recipe.collate(sampler.batch(config.batch_size), model, device)
-                ctx = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
-                with ctx:
+                with _autocast(device, amp_dtype):
                     outputs = model(batch.image)
                     losses = model.loss(outputs, batch)
                 loss = losses["loss"]
@@ -558,7 +563,8 @@ def train(model: HrsegModel, train_sources: Sequence[LabelledSource], val_source
                     last_metrics = vm
                     log_file.write("val", phase=phase.name, step=step, improved=improved, monitor=monitor,
                                    seconds=round(time.perf_counter() - t1, 3), **_finite(vm))
-                    yield Validated(phase.name, step, vm, monitor, value, improved, phase_best, time.perf_counter() - t1)
+                    yield Validated(phase.name, step, vm, monitor, value, improved, phase_best,
+                                    time.perf_counter() - t1)
                     if config.patience is not None and bad > config.patience:
                         stopped_early = True
                         log_file.write("early_stop", phase=phase.name, step=step, best_step=phase_best_step)
