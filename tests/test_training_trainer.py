@@ -133,12 +133,15 @@ def test_bad_settings_are_refused_clearly(glas_split):
     train_src, _ = glas_split
     with pytest.raises(TrainingError, match="unknown optimizer"):
         TrainConfig(steps=1, optimizer="adam")
+    with pytest.raises(TrainingError, match="unknown validation metric 'f1'"):
+        TrainConfig(steps=1, monitor="f1")
+    assert TrainConfig(steps=1, monitor="iou_3").monitor == "iou_3"
     with pytest.raises(TrainingError, match="neither steps nor epochs"):
         next(train(_model(), train_src, (), TrainConfig()))
     with pytest.raises(TrainingError, match="no training images"):
         next(train(_model(), [], (), TrainConfig(steps=1)))
     with pytest.raises(TrainingError, match="not in"):
-        TrainConfig(steps=1, device="cpu") and split_by_image(train_src, -0.1, 0)
+        split_by_image(train_src, -0.1, 0)
     # Epochs are turned into steps from the training area: one epoch covers it once in expectation.
     events, result = _run(train(_model(), train_src[:2], (), TrainConfig(epochs=0.5, batch_size=4, crop=128)))
     area = sum(h * w for h, w in (s.size_at(MPP) for s in train_src[:2]))

@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import random
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -61,6 +62,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+
+
+#: Validation metrics that can decide "best" and early stopping (``iou_<k>`` too).
+MONITORS = ("auto", "miou", "dice", "acc", "loss", "aji", "pq", "inst_dice")
 
 
 @dataclass
@@ -157,6 +162,9 @@ class TrainConfig:
             raise TrainingError(f"epochs={self.epochs} must be > 0", subject="--epochs")
         if not self.lr > 0:
             raise TrainingError(f"learning rate {self.lr} must be > 0", subject="--lr")
+        if self.monitor not in MONITORS and not re.fullmatch(r"iou_\d+", self.monitor):
+            raise TrainingError(f"unknown validation metric {self.monitor!r}", subject="--monitor",
+                                hint=f"use one of {', '.join(MONITORS)} or iou_<class>")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
