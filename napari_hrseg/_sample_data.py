@@ -17,7 +17,9 @@ from .slide import open_slide
 from .virtual import virtual_slide
 from .virtual.virtual_slide import VirtualSlide
 
-__all__ = ["virtual_slide_sample", "small_real_slide_sample", "virtual_slide_layers", "sample_data_dir", "SMALL_REAL_SLIDE"]
+__all__ = [
+    "virtual_slide_sample", "small_real_slide_sample", "virtual_slide_layers", "sample_data_dir", "SMALL_REAL_SLIDE",
+]
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +56,11 @@ def virtual_slide_layers(vs: VirtualSlide, *, ground_truth: bool = True) -> list
             )
         )
         layers.append(
-            (list(vs.instances), {**common, "name": f"{vs.slide.name} nuclei", "metadata": {"ground_truth": "instances"}}, "labels")
+            (
+                list(vs.instances),
+                {**common, "name": f"{vs.slide.name} nuclei", "metadata": {"ground_truth": "instances"}},
+                "labels",
+            )
         )
     return layers
 

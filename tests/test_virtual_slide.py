@@ -191,7 +191,8 @@ def test_palettes_change_colour_not_truth(vs, border):
         b = _read(other.slide.levels[0], row, col, 256, 256).astype(np.float64)
         assert np.abs(a - b).mean() > 5, name
         assert np.array_equal(_read(other.semantic[0], row, col, 256, 256), _read(vs.semantic[0], row, col, 256, 256))
-        assert np.array_equal(_read(other.instances[2], row // 4, col // 4, 64, 64), _read(vs.instances[2], row // 4, col // 4, 64, 64))
+        region = (row // 4, col // 4, 64, 64)
+        assert np.array_equal(_read(other.instances[2], *region), _read(vs.instances[2], *region))
 
 
 def test_bad_parameters_raise_clear_errors():

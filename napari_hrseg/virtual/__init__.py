@@ -15,4 +15,6 @@ from .render import RENDER_COUNTS
 from .stain import STAIN_PALETTES, StainPalette
 from .virtual_slide import VirtualSlide, virtual_slide
 
-__all__ = ["VirtualSlide", "virtual_slide", "STAIN_PALETTES", "StainPalette", "CLASS_NAMES", "CLASS_COLORS", "RENDER_COUNTS"]
+__all__ = [
+    "VirtualSlide", "virtual_slide", "STAIN_PALETTES", "StainPalette", "CLASS_NAMES", "CLASS_COLORS", "RENDER_COUNTS",
+]

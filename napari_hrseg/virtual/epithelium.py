@@ -201,7 +201,9 @@ def rim_on_grid(
     return out
 
 
-def rim_expectations(layout: TissueLayout, table: GlandTable, g: np.ndarray, zone_area: np.ndarray, apical_area: np.ndarray):
+def rim_expectations(
+    layout: TissueLayout, table: GlandTable, g: np.ndarray, zone_area: np.ndarray, apical_area: np.ndarray
+):
     """Expected nuclear share of the nuclear zone, goblet share of the apical zone, and mean nuclear darkness.
 
     For levels where the objects are below a pixel: the mean sizes, clipped to their sector and band as

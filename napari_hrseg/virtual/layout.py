@@ -176,7 +176,8 @@ class TissueLayout:
     # ------------------------------------------------------------------ fields (octaves in level-0 px)
     @property
     def tissue_noise(self) -> Octaves:
-        return octaves(self.size / 3.0, self.px(self.params.tissue_smallest_um), gain=self.params.tissue_noise_gain, first=0.55)
+        p = self.params
+        return octaves(self.size / 3.0, self.px(p.tissue_smallest_um), gain=p.tissue_noise_gain, first=0.55)
 
     @property
     def tumour_noise(self) -> Octaves:
@@ -247,7 +248,8 @@ class TissueLayout:
         ky, kx, phase = self._orientation_waves()
         py = np.asarray(py, dtype=np.float64)[..., None]
         px = np.asarray(px, dtype=np.float64)[..., None]
-        return (np.cos(py * ky + px * kx + phase).sum(axis=-1) / math.sqrt(self._ORIENTATION_WAVES / 2)).astype(np.float32)
+        total = np.cos(py * ky + px * kx + phase).sum(axis=-1)
+        return (total / math.sqrt(self._ORIENTATION_WAVES / 2)).astype(np.float32)
 
     def orientation(self, gy: AxisGrid, gx: AxisGrid) -> np.ndarray:
         """`orientation_at` on the centres of a grid, ``(ny, nx)`` float32 (separable: cos(a+b) expanded)."""
@@ -331,7 +333,10 @@ class TissueLayout:
         if float(reach.max(initial=0.0)) > MAX_REACH_CELLS * cell:  # a parameter change broke the 3x3 rule
             raise AssertionError("gland parameters let a gland reach beyond its 3x3 cell neighbourhood")
 
-        flat = lambda a: np.ascontiguousarray(np.broadcast_to(a, (ny, nx) + a.shape[2:]).reshape((ny * nx,) + a.shape[2:]))
+        def flat(a: np.ndarray) -> np.ndarray:
+            full = np.broadcast_to(a, (ny, nx) + a.shape[2:])
+            return np.ascontiguousarray(full.reshape((ny * nx,) + a.shape[2:]))
+
         cell_id = (iy + 2) * self.gland_grid_cols + (ix + 2)
         return GlandTable(
             cy0, cx0, ny, nx,
@@ -385,7 +390,8 @@ class TissueLayout:
         idx, r0, r1, c0, c1 = idx[keep], r0[keep], r1[keep], c0[keep], c1[keep]
         area = (r1 - r0) * (c1 - c0)
         if idx.size > 48 and area.max() * idx.size < 3_000_000:
-            self._glands_vectorised(table, idx, r0, c0, int((r1 - r0).max()), int((c1 - c0).max()), yc, xc, s_out, s_in, owner, depth)
+            kh, kw = int((r1 - r0).max()), int((c1 - c0).max())
+            self._glands_vectorised(table, idx, r0, c0, kh, kw, yc, xc, s_out, s_in, owner, depth)
         else:
             for g, a, b, c, d in zip(idx, r0, r1, c0, c1):
                 dy = (yc[a:b] - table.centre_y[g]).astype(np.float32)[:, None]

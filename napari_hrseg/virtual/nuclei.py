@@ -87,7 +87,8 @@ def nucleus_grids(layout: TissueLayout) -> tuple[NucleusGrid, ...]:
         offset += n_rows * n_cols
     if offset > _INT32_MAX:
         raise HrsegError(
-            f"a {layout.height} x {layout.width} px slide at {layout.mpp} µm/px has {offset:,} nucleus slots, more than "
+            f"a {layout.height} x {layout.width} px slide at {layout.mpp} µm/px has {offset:,} nucleus slots, "
+            "more than "
             "int32 instance ids can number",
             subject="virtual slide",
             hint="use a smaller size or a larger pixel size (mpp)",
@@ -166,7 +167,9 @@ def _shapes(layout: TissueLayout, grid: NucleusGrid, cy: np.ndarray, cx: np.ndar
     return _Shapes(y, x, a, b, theta.astype(np.float32), bound)
 
 
-def _touches(layout: TissueLayout, blocker: NucleusGrid, y: np.ndarray, x: np.ndarray, radius: np.ndarray) -> np.ndarray:
+def _touches(
+    layout: TissueLayout, blocker: NucleusGrid, y: np.ndarray, x: np.ndarray, radius: np.ndarray
+) -> np.ndarray:
     """Whether discs ``(y, x, radius)`` touch any candidate ellipse of ``blocker`` (accepted or not)."""
     hit = np.zeros(y.shape, dtype=bool)
     for dy in (-1, 0, 1):
@@ -211,7 +214,8 @@ def draw_candidates(
     u_accept = _draw(layout, grid, cy, cx, 0)
     darkness = _lerp(layer.darkness, _draw(layout, grid, cy, cx, 6))
     if layer.kind == "lymphocyte":
-        p = layout.lymph_probability(fields.tumour, fields.mucosa, fields.aggregate) * np.float32(layer.acceptance_scale)
+        p = layout.lymph_probability(fields.tumour, fields.mucosa, fields.aggregate)
+        p = p * np.float32(layer.acceptance_scale)
     else:
         p = layout.stromal_probability(fields.tumour, fields.aggregate) * np.float32(layer.acceptance_scale)
     accepted = (fields.tissue > 0) & (u_accept < p)

@@ -8,7 +8,8 @@ Why the tumour needs context
 ----------------------------
 Every *local* property of a tumour gland is drawn from a range that overlaps the normal one: nuclear size,
 stratification, goblet-cell density and darkness follow a per-gland "atypia" in ``[0, 1]`` that is
-``U(0, 0.75)`` for normal crypts (reactive crypts look atypical too) and ``U(0.3, 1)`` for tumour glands.  What separates tumour from normal is
+``U(0, 0.75)`` for normal crypts (reactive crypts look atypical too) and ``U(0.3, 1)`` for tumour glands.
+What separates tumour from normal is
 *architecture*, visible only over a field of a millimetre or so: tumour glands are larger, irregular, crowded
 and fused (they overlap their neighbours), and sit in pale, cell-rich desmoplastic stroma.  A 256-pixel tile at
 level 0 holds part of one gland and cannot tell; a 2048-pixel field seen at 1/8 resolution can.  Fine boundaries

@@ -30,7 +30,6 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.special import ndtri
 
 from .hashing import Stream
 from .layout import GlandSample, GlandTable, TissueLayout, _smoothstep
@@ -97,7 +96,8 @@ class _Chunk:
 
     @property
     def bounds(self) -> tuple[float, float, float, float]:
-        return (self.gy.start, self.gy.start + self.gy.step * self.gy.n, self.gx.start, self.gx.start + self.gx.step * self.gx.n)
+        gy, gx = self.gy, self.gx
+        return (gy.start, gy.start + gy.step * gy.n, gx.start, gx.start + gx.step * gx.n)
 
 
 @dataclass
@@ -174,7 +174,9 @@ class ChunkRenderer:
 
     def _blocker(self, grid):
         """The layer whose candidates ``grid``'s must not touch (lymphocytes give way to fibroblast-like nuclei)."""
-        return next((g for g in self.grids if g.layer.kind == "stromal"), None) if grid.layer.kind == "lymphocyte" else None
+        if grid.layer.kind != "lymphocyte":
+            return None
+        return next((g for g in self.grids if g.layer.kind == "stromal"), None)
 
     def clear_cache(self) -> None:
         """Forget the per-chunk geometry (so that a timing measures a cold render)."""
@@ -252,7 +254,8 @@ class ChunkRenderer:
         else:
             pix = self._pixel_fields(c)
             layers = [
-                label_nuclei(self.layout, g, geo.table, c.gy, c.gx, pix, geo.glands.s_out, self._blocker(g)) for g in self.grids
+                label_nuclei(self.layout, g, geo.table, c.gy, c.gx, pix, geo.glands.s_out, self._blocker(g))
+                for g in self.grids
             ]
         rim = rim_on_grid(self.layout, geo.table, geo.glands, c.gy, c.gx, c.ds, self.rim_offset)
         layers.append((rim.ids, rim.centre_d2))
@@ -268,7 +271,9 @@ class ChunkRenderer:
 
     def _pixel_fields(self, c: _Chunk) -> CellFields:
         flat = lambda name: self._layout_field(c, name, False).mean.reshape(-1)
-        return CellFields(tissue=flat("tissue"), tumour=flat("tumour"), mucosa=flat("mucosa"), aggregate=flat("aggregates"))
+        return CellFields(
+            tissue=flat("tissue"), tumour=flat("tumour"), mucosa=flat("mucosa"), aggregate=flat("aggregates")
+        )
 
     # ------------------------------------------------------------------ colour
     def rgb(self, downsample, row0: int, col0: int, height: int, width: int) -> np.ndarray:
@@ -317,7 +322,8 @@ class ChunkRenderer:
         i_cyto = pal.intensity(cyto_h, cyto_e, 0.0, (0.12 * st.CYTOPLASM.e) ** 2 * tex.removed_var)
         i_goblet = pal.intensity(st.GOBLET.h * (1.0 + 0.5 * t), st.GOBLET.e, (0.5 * st.GOBLET.h) ** 2 * tex.removed_var)
         i_stroma = self._stroma(c, desmo, tex)
-        i_lumen = pal.intensity(st.LUMEN.h, st.LUMEN.e * (1.0 + 0.4 * t), 0.0, (0.4 * st.LUMEN.e) ** 2 * tex.removed_var)
+        lumen_var = (0.4 * st.LUMEN.e) ** 2 * tex.removed_var
+        i_lumen = pal.intensity(st.LUMEN.h, st.LUMEN.e * (1.0 + 0.4 * t), 0.0, lumen_var)
         i_glass = pal.intensity(st.GLASS.h, st.GLASS.e * (1.0 + 2.0 * t))
 
         # --- nuclei: epithelial (from the glands) and stromal (grids); they replace the compartment they sit in
@@ -327,7 +333,8 @@ class ChunkRenderer:
             chrom = self._field(Stream.CHROMATIN, self.chromatin, c, True)
             n_all = n_epi + n_str
             dark = (n_epi * dark_epi + n_str * dark_str) / np.maximum(n_all, 1e-6)
-            i_nuc = n_all[..., None] * pal.intensity(dark * (1.0 + 0.25 * chrom.mean), st.NUCLEUS_E, (0.25 * dark) ** 2 * chrom.removed_var)
+            chrom_var = (0.25 * dark) ** 2 * chrom.removed_var
+            i_nuc = n_all[..., None] * pal.intensity(dark * (1.0 + 0.25 * chrom.mean), st.NUCLEUS_E, chrom_var)
         else:
             i_nuc = n_epi[..., None] * self._mean_nucleus_light(dark_epi) + light_str
         cyto = np.maximum(epi - n_epi - goblet, 0.0)
@@ -342,14 +349,17 @@ class ChunkRenderer:
         pal = self.palette
         h_od, _ = pal.od_per_unit()
         light = pal.mean_intensity_uniform_h(darkness * (1.0 - spread), darkness * (1.0 + spread), st.NUCLEUS_E)
-        jensen = np.exp(0.5 * (math.log(10.0) * h_od) ** 2 * (0.25 * darkness[..., None]) ** 2 * self.chromatin.variance)
+        hidden = (0.25 * darkness[..., None]) ** 2 * self.chromatin.variance
+        jensen = np.exp(0.5 * (math.log(10.0) * h_od) ** 2 * hidden)
         return (light * jensen).astype(np.float32)
 
     def _stroma(self, c: _Chunk, desmo: np.ndarray, tex: FieldSample) -> np.ndarray:
         L = self.layout
         w = _smoothstep(L.orientation(c.gy, c.gx), -0.25, 0.25)
         along_x = self._field(Stream.FIBRE, self.fibre, c, True, stretch_x=5.0)
-        along_y = sample_field(L.seed, Stream.FIBRE + 1, self.fibre.scaled(length=5.0), c.gy, c.gx, box=True, stretch_x=0.2)
+        along_y = sample_field(
+            L.seed, Stream.FIBRE + 1, self.fibre.scaled(length=5.0), c.gy, c.gx, box=True, stretch_x=0.2
+        )
         fibre = w * along_x.mean + (1.0 - w) * along_y.mean
         fibre_var = w * w * along_x.removed_var + (1.0 - w) ** 2 * along_y.removed_var
         amp = np.float32(0.18) * (1.0 - 0.4 * desmo)
@@ -380,7 +390,10 @@ class ChunkRenderer:
             return 1.0 - clear, weighted / np.maximum(total, 1e-6), None
         mucosa = L.mucosa(c.gy, c.gx, box=True).mean
         aggregate = L.aggregates(c.gy, c.gx, box=True).mean
-        p = {"lymphocyte": L.lymph_probability(tumour_value, mucosa, aggregate), "stromal": L.stromal_probability(tumour_value, aggregate)}
+        p = {
+            "lymphocyte": L.lymph_probability(tumour_value, mucosa, aggregate),
+            "stromal": L.stromal_probability(tumour_value, aggregate),
+        }
         clear = np.ones_like(stroma)
         covers, lights = [], []
         for g in self.grids:
@@ -397,7 +410,7 @@ class ChunkRenderer:
 
     # ------------------------------------------------------------------ per-gland expectations
     def _gland_areas(self, table: GlandTable, idx: np.ndarray) -> dict[str, np.ndarray]:
-        """Exact areas (px²) of the glands ``idx``: outline, lumen, nuclear zone and apical zone (32-angle quadrature)."""
+        """Exact areas (px²) of glands ``idx``: outline, lumen, nuclear and apical zones (32-angle quadrature)."""
         L = self.layout
         theta = np.arange(_QUADRATURE) * (2.0 * math.pi / _QUADRATURE)
         z = np.exp(1j * theta).astype(np.complex64)

@@ -110,7 +110,8 @@ class StainPalette:
         k = np.float32(_LN10) * h
         span = np.maximum(hi - lo, np.float32(1e-6))
         mean_exp = (np.exp(-k * lo) - np.exp(-k * hi)) / (k * span)
-        return mean_exp * np.exp(-np.float32(_LN10) * e * np.float32(c_e)) * np.asarray(self.background, dtype=np.float32)
+        eosin = np.exp(-np.float32(_LN10) * e * np.float32(c_e))
+        return mean_exp * eosin * np.asarray(self.background, dtype=np.float32)
 
 
 STAIN_PALETTES: dict[str, StainPalette] = {
@@ -134,7 +135,9 @@ def get_palette(name: str | StainPalette) -> StainPalette:
         return STAIN_PALETTES[name]
     except KeyError:
         raise HrsegError(
-            f"unknown stain palette {name!r}", subject="virtual slide", hint=f"known palettes: {', '.join(STAIN_PALETTES)}"
+            f"unknown stain palette {name!r}",
+            subject="virtual slide",
+            hint=f"known palettes: {', '.join(STAIN_PALETTES)}",
         ) from None
 
 

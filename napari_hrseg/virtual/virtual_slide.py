@@ -6,7 +6,6 @@ import hashlib
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any
 
 import dask.array as da
 import numpy as np
@@ -90,7 +89,9 @@ class VirtualSlide:
         nor = _box_sum(sem == NORMAL_EPITHELIUM, k)
         score = np.minimum(tum, nor)
         if score.max() <= 0:
-            raise RegionError("no square holds both tumour and normal epithelium", subject=self.slide.name, hint="use a larger slide")
+            raise RegionError(
+                "no square holds both tumour and normal epithelium", subject=self.slide.name, hint="use a larger slide"
+            )
         r, c = np.unravel_index(int(np.argmax(score)), score.shape)
         row = int(min(max(0, r * ds), H - size))
         col = int(min(max(0, c * ds), W - size))
@@ -155,7 +156,9 @@ def virtual_slide(
     if n_levels is None:
         n_levels = default_level_count(height, width, tile)
     if not 1 <= n_levels <= most:
-        raise HrsegError(f"{n_levels} levels do not fit a {height} x {width} slide", subject="virtual slide", hint=f"use 1 to {most}")
+        raise HrsegError(
+            f"{n_levels} levels do not fit a {height} x {width} slide", subject="virtual slide", hint=f"use 1 to {most}"
+        )
     layout = TissueLayout(int(seed), height, width, float(mpp), TissueParams())
     renderer = ChunkRenderer(layout, palette)
     shapes = level_shapes(height, width, n_levels)
@@ -176,9 +179,14 @@ def virtual_slide(
 
     # Labels do not depend on the stain: their keys leave it out, so palettes share computed label chunks.
     label_token = hashlib.sha1(repr((seed, height, width, mpp, tile, n_levels)).encode()).hexdigest()[:12]
-    levels = tuple(lazy_level(rgb, l, s, tile, np.uint8, 3, f"virtual-rgb-{token}-{l}") for l, s in enumerate(shapes))
-    sem = tuple(lazy_level(semantic, l, s, tile, np.uint8, None, f"virtual-sem-{label_token}-{l}") for l, s in enumerate(shapes))
-    ins = tuple(lazy_level(instances, l, s, tile, np.int32, None, f"virtual-ins-{label_token}-{l}") for l, s in enumerate(shapes))
+    levels = tuple(lazy_level(rgb, k, s, tile, np.uint8, 3, f"virtual-rgb-{token}-{k}") for k, s in enumerate(shapes))
+    sem = tuple(
+        lazy_level(semantic, k, s, tile, np.uint8, None, f"virtual-sem-{label_token}-{k}") for k, s in enumerate(shapes)
+    )
+    ins = tuple(
+        lazy_level(instances, k, s, tile, np.int32, None, f"virtual-ins-{label_token}-{k}")
+        for k, s in enumerate(shapes)
+    )
     slide = Slide(
         levels=levels,
         path=None,
@@ -187,7 +195,9 @@ def virtual_slide(
         vendor="napari-hrseg (procedural)",
         objective_power=round(10.0 / mpp, 2),
         channel_names=("R", "G", "B"),
-        metadata={"seed": int(seed), "stain": palette.name, "classes": list(CLASS_NAMES), "palettes": list(STAIN_PALETTES)},
+        metadata={
+            "seed": int(seed), "stain": palette.name, "classes": list(CLASS_NAMES), "palettes": list(STAIN_PALETTES)
+        },
         name=f"virtual H&E (seed {seed}, {palette.name})",
     )
     log.debug("virtual slide %s: %d levels, %s", slide.name, n_levels, shapes)
