@@ -33,7 +33,7 @@ import numpy as np
 from ..errors import CorruptSlideError, SlideError, UnsupportedFormatError
 from ..slide import Slide
 from ._convert import NOTES
-from ._source import ChunkSource, build_levels, count_decodes, file_token
+from ._source import ChunkSource, build_levels, chunk_cache, count_decodes, file_token
 from ._tiff_meta import rgb_to_hex, to_um
 
 __all__ = ["ZarrReader", "StrictChunkStore", "ZarrLevelSource"]
@@ -170,11 +170,29 @@ class ZarrLevelSource(ChunkSource):
         return self._select(*self.chunk_bounds(iy, ix))
 
     def read_region(self, row0: int, row1: int, col0: int, col1: int) -> np.ndarray:
-        # One zarr call for the whole region (zarr fetches and decodes its chunks concurrently).
+        """One zarr call for the region (zarr fetches and decodes its chunks concurrently), through the cache.
+
+        zarr decodes whole chunks even for a partial read, so the chunk-aligned box around the region is read
+        and its chunks are kept in `chunk_cache`; a region whose chunks are all cached is assembled from them.
+        """
         if not (0 <= row0 <= row1 <= self.shape[0] and 0 <= col0 <= col1 <= self.shape[1]):
             raise ValueError(f"region rows {row0}:{row1}, cols {col0}:{col1} outside level of shape {self.shape}")
+        if row1 == row0 or col1 == col0:
+            return np.empty((row1 - row0, col1 - col0, self.shape[2]), self.dtype)
+        ch, cw = self.chunk_shape
+        iy0, iy1, ix0, ix1 = row0 // ch, (row1 - 1) // ch, col0 // cw, (col1 - 1) // cw
+        cells = [(iy, ix) for iy in range(iy0, iy1 + 1) for ix in range(ix0, ix1 + 1)]
+        use_cache = self.cacheable and chunk_cache.max_bytes > 0
+        if use_cache:
+            cached = [chunk_cache.get((self._cache_id(), iy, ix)) for iy, ix in cells]
+            if all(c is not None for c in cached):
+                return _assemble(self, dict(zip(cells, cached)), row0, row1, col0, col1)
+        b0, b1 = iy0 * ch, min(self.shape[0], (iy1 + 1) * ch)
+        c0, c1 = ix0 * cw, min(self.shape[1], (ix1 + 1) * cw)
+        if not use_cache:
+            b0, b1, c0, c1 = row0, row1, col0, col1
         try:
-            out = self._select(row0, row1, col0, col1)
+            box = self._select(b0, b1, c0, c1)
         except SlideError:
             raise
         except Exception as exc:  # noqa: BLE001 - codec errors of any kind end as one clear message
@@ -184,13 +202,24 @@ class ZarrLevelSource(ChunkSource):
                 subject=self.subject,
                 hint="the store is damaged or incompletely copied; copy it again",
             ) from exc
-        ch, cw = self.chunk_shape
-        count_decodes(
-            ((row1 - 1) // ch - row0 // ch + 1) * ((col1 - 1) // cw - col0 // cw + 1)
-            if row1 > row0 and col1 > col0
-            else 0
-        )
-        return out
+        count_decodes(len(cells))
+        if use_cache:
+            for iy, ix in cells:
+                r0, r1, q0, q1 = self.chunk_bounds(iy, ix)
+                chunk_cache.put((self._cache_id(), iy, ix), box[r0 - b0 : r1 - b0, q0 - c0 : q1 - c0].copy())
+        return np.ascontiguousarray(box[row0 - b0 : row1 - b0, col0 - c0 : col1 - c0])
+
+
+def _assemble(
+    source: ChunkSource, chunks: dict[tuple[int, int], np.ndarray], row0: int, row1: int, col0: int, col1: int
+) -> np.ndarray:
+    """The region ``[row0:row1, col0:col1]`` copied out of decoded chunks keyed by ``(iy, ix)``."""
+    out = np.empty((row1 - row0, col1 - col0, source.shape[2]), dtype=source.dtype)
+    for (iy, ix), tile in chunks.items():
+        r0, r1, c0, c1 = source.chunk_bounds(iy, ix)
+        y0, y1, x0, x1 = max(r0, row0), min(r1, row1), max(c0, col0), min(c1, col1)
+        out[y0 - row0 : y1 - row0, x0 - col0 : x1 - col0] = tile[y0 - r0 : y1 - r0, x0 - c0 : x1 - c0]
+    return out
 
 
 # ---------------------------------------------------------------------- the reader
