@@ -1,0 +1,215 @@
+"""The napari layers the app creates, updated in place: one layer per kind and scale, never a new one per segment.
+
+Every layer is in level-0 pixel units like the slide (transforms come from `Prediction.layer_transform`), its name
+starts with ``"hrseg: "`` and says what it shows and at which pixel size, and the app's layers are kept together
+above the slide in a fixed order (maps, then labels, then outlines, points and the review overlay), so the layer
+list reads as one group.  Maps start hidden (toggle the eye to see why the model decided); labels, points and the
+review overlay start visible.
+
+Only assignments happen here (the arrays were computed in a worker); this module runs on the GUI thread.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ._convert import MapImage
+
+if TYPE_CHECKING:  # pragma: no cover
+    import napari
+
+__all__ = ["ResultLayers", "PREFIX", "layer_kind"]
+
+log = logging.getLogger(__name__)
+
+PREFIX = "hrseg: "
+
+# Display of each map kind: colormap, opacity, visible at first.
+_MAP_STYLE = {
+    "confidence": ("cividis", 0.6, False),
+    "uncertainty": ("magma", 0.6, False),
+    "attention": ("viridis", 0.6, False),
+}
+_DEFAULT_STYLE = ("inferno", 0.6, False)
+
+# Top-to-bottom order of the app's layers (the slide stays below them all).
+_ORDER = ("review", "points", "instances", "compare-diff", "compare-b", "compare-a", "labels", "labels-overview",
+          "attention", "uncertainty", "confidence")
+
+
+def layer_kind(layer: Any) -> str | None:
+    """The app's kind of a layer (``"uncertainty"``, ``"labels"``, ...), or None for layers it did not create."""
+    return (getattr(layer, "metadata", None) or {}).get("hrseg_kind")
+
+
+class ResultLayers:
+    """Creates and updates the app's result layers in one viewer.
+
+    Parameters
+    ----------
+    viewer : napari.Viewer
+    """
+
+    def __init__(self, viewer: "napari.Viewer"):
+        self.viewer = viewer
+        self._maps: dict[tuple[str, str], Any] = {}
+        self.points = None
+        self.instances = None
+        self.reviews = None
+        self.compare: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ helpers
+    def _alive(self, layer: Any) -> bool:
+        return layer is not None and layer in self.viewer.layers
+
+    def arrange(self) -> None:
+        """Keep the app's layers together above everything else, in `_ORDER` (top first)."""
+        layers = self.viewer.layers
+        ours = [lay for lay in layers if layer_kind(lay) in _ORDER]
+        ours.sort(key=lambda lay: _ORDER.index(layer_kind(lay)), reverse=True)  # bottom first
+        for target, layer in enumerate(ours, start=len(layers) - len(ours)):
+            index = layers.index(layer)
+            if index != target:
+                layers.move(index, target)
+
+    def _add(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """``viewer.add_<kind>(...)`` without taking the selection from the layer the user works on (napari selects
+        every new layer; a pathologist painting in the labels layer should stay there)."""
+        selection = self.viewer.layers.selection
+        active = selection.active
+        layer = getattr(self.viewer, method)(*args, **kwargs)
+        if active is not None and active in self.viewer.layers:
+            selection.active = active
+        return layer
+
+    # ------------------------------------------------------------------ maps
+    def show_maps(self, maps: list[MapImage], *, final: bool) -> None:
+        """Show each map in its layer (created on first use, then updated in place).
+
+        With ``final``, layers of maps the latest prediction did not produce (another method's stages) are removed.
+        """
+        wanted = set()
+        created = False
+        for m in maps:
+            key = (m.kind, m.key)
+            wanted.add(key)
+            layer = self._maps.get(key)
+            if self._alive(layer):
+                layer.data = m.data
+                layer.scale = m.scale
+                layer.translate = m.translate
+                layer.name = m.title
+                continue
+            cmap, opacity, visible = _MAP_STYLE.get(m.kind, _DEFAULT_STYLE)
+            self._maps[key] = self._add("add_image",
+                m.data, name=m.title, scale=m.scale, translate=m.translate, colormap=cmap, opacity=opacity,
+                visible=visible, contrast_limits=(0.0, 1.0), blending="translucent",
+                metadata={"hrseg_kind": m.kind if m.kind in _ORDER else "confidence", "hrseg_map": m.kind,
+                          "hrseg_scale": m.key})
+            created = True
+        if final:
+            for key in [k for k in self._maps if k not in wanted]:
+                layer = self._maps.pop(key)
+                if self._alive(layer):
+                    self.viewer.layers.remove(layer)
+        if created:
+            self.arrange()
+
+    def map_layers(self) -> dict[tuple[str, str], Any]:
+        """``{(kind, scale key): layer}`` of the maps currently shown."""
+        return {k: v for k, v in self._maps.items() if self._alive(v)}
+
+    # ------------------------------------------------------------------ points and instances
+    def show_points(self, points: np.ndarray, size: float) -> None:
+        """MagNet's refined points (level-0 ``(row, col)``); the layer exists only once there are points."""
+        points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+        if not len(points) and not self._alive(self.points):
+            return
+        if self._alive(self.points):
+            self.points.data = points
+            self.points.size = size
+            return
+        self.points = self._add("add_points",
+            points, name=f"{PREFIX}refined points (MagNet)", size=size, face_color="#ff2d55", border_width=0,
+            opacity=0.9, metadata={"hrseg_kind": "points"})
+        self.points.editable = False
+        self.arrange()
+
+    def show_instances(self, ids: np.ndarray, transform: dict) -> None:
+        """Instance ids as outlines (a labels layer drawn as contours)."""
+        if self._alive(self.instances):
+            self.instances.data = ids
+            self.instances.scale = transform["scale"]
+            self.instances.translate = transform["translate"]
+            return
+        self.instances = self._add("add_labels",
+            ids, name=f"{PREFIX}instance outlines", scale=transform["scale"], translate=transform["translate"],
+            opacity=0.9, metadata={"hrseg_kind": "instances"})
+        self.instances.contour = 1
+        self.instances.editable = False
+        self.arrange()
+
+    # ------------------------------------------------------------------ reviews
+    def show_reviews(self, rectangles: list[np.ndarray], edge_width: float) -> None:
+        """Reviewed regions as green rectangles (a Shapes layer the user cannot edit by accident)."""
+        if not self._alive(self.reviews):
+            if not rectangles:
+                return
+            self.reviews = self._add("add_shapes",
+                name=f"{PREFIX}reviewed regions", metadata={"hrseg_kind": "review"}, opacity=0.8)
+            self.arrange()
+        layer = self.reviews
+        if len(layer.data):
+            layer.selected_data = set(range(len(layer.data)))
+            layer.remove_selected()
+        if rectangles:
+            layer.add_rectangles(rectangles, edge_width=edge_width, edge_color="#2ecc71", face_color="#2ecc7122")
+        layer.mode = "pan_zoom"
+
+    # ------------------------------------------------------------------ comparison
+    def show_comparison(self, result: Any, colormap: Any) -> None:
+        """Two versions' labels and their disagreement over the compared view (updated in place)."""
+        specs = (
+            ("compare-a", f"{PREFIX}compare A ({result.label_a})", result.labels_a, colormap, 0.6),
+            ("compare-b", f"{PREFIX}compare B ({result.label_b})", result.labels_b, colormap, 0.6),
+            ("compare-diff", f"{PREFIX}compare A≠B ({100 * (1 - result.agreement):.1f}% of the view)",
+             result.difference, None, 0.8),
+        )
+        created = False
+        for kind, name, data, cmap, opacity in specs:
+            layer = self.compare.get(kind)
+            if self._alive(layer):
+                layer.data = data
+                layer.scale = result.transform["scale"]
+                layer.translate = result.transform["translate"]
+                layer.name = name
+                continue
+            kwargs = {"colormap": cmap} if cmap is not None else {}
+            layer = self._add("add_labels", data, name=name, opacity=opacity, scale=result.transform["scale"],
+                                           translate=result.transform["translate"],
+                                           metadata={"hrseg_kind": kind}, **kwargs)
+            layer.editable = False
+            self.compare[kind] = layer
+            created = True
+        # B starts hidden: toggle A and B (or press the panel's "swap") to flick between versions
+        self.compare["compare-b"].visible = False
+        if created:
+            self.arrange()
+
+    def swap_comparison(self) -> None:
+        a, b = self.compare.get("compare-a"), self.compare.get("compare-b")
+        if self._alive(a) and self._alive(b):
+            a.visible, b.visible = b.visible, a.visible
+
+    def clear(self) -> None:
+        """Remove every result layer (labels layers of the store are the session's)."""
+        layers = list(self._maps.values()) + [self.points, self.instances, self.reviews] + list(self.compare.values())
+        for layer in layers:
+            if self._alive(layer):
+                self.viewer.layers.remove(layer)
+        self._maps.clear()
+        self.compare.clear()
+        self.points = self.instances = self.reviews = None

@@ -1,0 +1,506 @@
+"""`AppSession`: what the four panels of one viewer share -- the controller, the layers, the running jobs.
+
+One session per viewer (`AppSession.for_viewer`), created by whichever panel opens first and closed with the
+viewer's window (the label store is committed and unlocked, so the next session -- or another process -- can open
+it).  The session turns the controller's answers into layers and notifications on the GUI thread; everything
+long runs as a job in a worker (`_workers.start_job`).
+
+Keyboard shortcuts (bound on the viewer, so they work whatever layer is selected):
+
+- ``Shift-S``: segment the view;
+- ``Shift-R``: mark the view reviewed;
+- ``Shift-N``: go to the next region to review.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from typing import TYPE_CHECKING, Any, Callable
+
+from qtpy.QtCore import QEvent, QObject, Signal
+
+from ..errors import HrsegError
+from ..geometry import Region
+from ..viewport import ViewportWatcher, camera_of, region_to_camera, view_region
+from ._controller import AppController
+from ._convert import review_rectangles
+from ._layers import PREFIX, ResultLayers
+from ._workers import Job, report_error, start_job
+
+if TYPE_CHECKING:  # pragma: no cover
+    import napari
+
+__all__ = ["AppSession", "SHORTCUTS"]
+
+log = logging.getLogger(__name__)
+
+#: Viewer-wide keyboard shortcuts: action -> key (napari's key names).
+SHORTCUTS = {"segment": "Shift-S", "review": "Shift-R", "next": "Shift-N"}
+
+_SESSIONS: "weakref.WeakKeyDictionary[Any, AppSession]" = weakref.WeakKeyDictionary()
+
+
+class _CloseWatcher(QObject):
+    """Closes the session when the viewer's main window closes (before Qt deletes the window)."""
+
+    def __init__(self, window: QObject, on_close: Callable[[], None]):
+        super().__init__(window)
+        self._on_close = on_close
+        window.installEventFilter(self)
+
+    def eventFilter(self, obj: QObject, event: QEvent) -> bool:  # noqa: N802 (Qt's name)
+        if event.type() == QEvent.Type.Close:
+            self._on_close()
+        return False
+
+
+class AppSession(QObject):
+    """The napari-hrseg state of one viewer (see the module docstring).
+
+    Signals
+    -------
+    slide_changed, model_changed, store_changed, reviews_changed, labels_changed
+        For the panels to refresh what they show.
+    job_started(str, object)
+        ``(kind, Job)`` with kind ``"segment"``, ``"improve"``, ``"rank"``, ``"export"`` or ``"compare"``.
+    segmented(object)
+        The final `ViewUpdate` of a view.
+    improved(object)
+        The `FineTuneFinished` of a completed "improve model".
+    compared(object)
+        A `CompareResult`.
+    exported(object)
+        The path written.
+    """
+
+    slide_changed = Signal()
+    model_changed = Signal()
+    store_changed = Signal()
+    reviews_changed = Signal()
+    labels_changed = Signal()
+    job_started = Signal(str, object)
+    segmented = Signal(object)
+    improved = Signal(object)
+    compared = Signal(object)
+    exported = Signal(object)
+
+    def __init__(self, viewer: "napari.Viewer", controller: AppController | None = None):
+        super().__init__()
+        self.viewer = viewer
+        self.controller = controller or AppController()
+        self.results = ResultLayers(viewer)
+        self.slide_layer = None
+        self.store_layers = None
+        self.jobs: dict[str, Job] = {}
+        self.live = False
+        self.watcher: ViewportWatcher | None = None
+        self.closed = False
+        viewer.layers.events.inserted.connect(self._layers_changed)
+        viewer.layers.events.removed.connect(self._layers_changed)
+        self._bind_keys()
+        self._close_watcher = _CloseWatcher(viewer.window._qt_window, self.close)
+        self._layers_changed()
+
+    # ------------------------------------------------------------------ one per viewer
+    @classmethod
+    def for_viewer(cls, viewer: "napari.Viewer") -> "AppSession":
+        """The session of ``viewer``, created on first use."""
+        session = _SESSIONS.get(viewer)
+        if session is None or session.closed:
+            session = cls(viewer)
+            _SESSIONS[viewer] = session
+        return session
+
+    # ------------------------------------------------------------------ slide
+    def _layers_changed(self, event: Any = None) -> None:
+        if self.closed:
+            return
+        if self.slide_layer is not None and self.slide_layer in self.viewer.layers:
+            return
+        layer = next((lay for lay in self.viewer.layers if "hrseg_slide" in (lay.metadata or {})), None)
+        self.slide_layer = layer
+        self.controller.set_slide(None if layer is None else layer.metadata["hrseg_slide"])
+        self._detach_store_layers()
+        self.results.clear()
+        if self.watcher is not None:
+            self.watcher.close()
+            self.watcher = None
+        if layer is not None:
+            self.watcher = ViewportWatcher(self.viewer, layer, self._view_settled)
+            self.watcher.set_enabled(self.live)
+        self.slide_changed.emit()
+        self.store_changed.emit()
+
+    def set_slide_layer(self, layer: Any) -> None:
+        """Use ``layer`` (an image layer whose metadata holds ``hrseg_slide``) as the slide."""
+        if "hrseg_slide" not in (layer.metadata or {}):
+            raise HrsegError("this layer is not a slide opened by napari-hrseg", subject=layer.name,
+                             hint="open the slide with File > Open (napari-hrseg reader)")
+        self.slide_layer = None
+        self._layers_changed()
+
+    def view(self) -> Region:
+        """The level-0 region on screen (empty without a slide)."""
+        if self.slide_layer is None:
+            return Region(0, 0, 0, 0)
+        return view_region(self.viewer, self.slide_layer)
+
+    def go_to(self, region: Region) -> None:
+        """Move the camera so that ``region`` fills the canvas."""
+        center, zoom = region_to_camera(region, tuple(self.viewer.canvas.size))
+        camera = camera_of(self.viewer)
+        camera.center = center
+        camera.zoom = zoom
+
+    # ------------------------------------------------------------------ model
+    def set_model(self, label: str) -> None:
+        try:
+            before = self.controller.store
+            self.controller.set_active(label)
+            if self.controller.store is not before:
+                self._detach_store_layers()
+                self.store_changed.emit()
+        except HrsegError as exc:
+            report_error(exc)
+        self.model_changed.emit()
+
+    def load_model_directory(self, path: str) -> bool:
+        try:
+            before = self.controller.store
+            self.controller.load_directory(path)
+        except HrsegError as exc:
+            report_error(exc, "loading the model")
+            return False
+        if self.controller.store is not before:
+            self._detach_store_layers()
+            self.store_changed.emit()
+        self.model_changed.emit()
+        return True
+
+    # ------------------------------------------------------------------ label store layers
+    def _attach_store(self, store: Any) -> None:
+        if self.store_layers is not None and self.store_layers.store is store:
+            return
+        self._detach_store_layers()
+        from ..labels.napari_bridge import add_label_store_layers
+
+        view = self.view()
+        window = view if not view.is_empty else None
+        self.store_layers = add_label_store_layers(
+            self.viewer, store, window=window, author=self.controller.user, name=f"{PREFIX}labels ({store.name})",
+            max_window=2048)
+        self.store_layers.editor.metadata["hrseg_kind"] = "labels"
+        if self.store_layers.overview is not None:
+            self.store_layers.overview.metadata["hrseg_kind"] = "labels-overview"
+        self.store_layers.editor.events.paint.connect(self._painted)
+        self.store_layers.follow(True, delay_ms=300)
+        self.results.arrange()
+        self.viewer.layers.selection.active = self.store_layers.editor
+        self._show_reviews()
+        self.store_changed.emit()
+
+    def _detach_store_layers(self) -> None:
+        layers, self.store_layers = self.store_layers, None
+        if layers is None:
+            return
+        try:
+            layers.editor.events.paint.disconnect(self._painted)
+        except (TypeError, ValueError, RuntimeError):
+            pass
+        try:
+            layers.close()
+        except Exception:  # the viewer may be half gone at shutdown
+            log.debug("closing the label layers failed", exc_info=True)
+
+    def _painted(self, event: Any = None) -> None:
+        self.labels_changed.emit()
+
+    def ensure_store(self, then: Callable[[], None]) -> None:
+        """Run ``then`` once the label store is open and shown (opening it in a worker the first time)."""
+        if self.controller.store is not None:
+            self._attach_store(self.controller.store)
+            then()
+            return
+
+        def opening():
+            from ._jobs import StoreReady, Tick
+
+            yield Tick(0, 0, "opening the label store")
+            store = self.controller.open_store()
+            yield StoreReady(0, 0, f"labels: {store.path}", store=store)
+            return store
+
+        def opened(store: Any) -> None:
+            self._attach_store(store)
+            then()
+
+        try:
+            self.controller.require_slide()
+            self.controller.require_model()
+        except HrsegError as exc:
+            report_error(exc)
+            return
+        self._start("store", opening(), "Open labels", None, on_returned=opened)
+
+    # ------------------------------------------------------------------ jobs
+    def _start(self, kind: str, gen: Any, desc: str, token: Any, **callbacks: Any) -> Job:
+        def unless_closed(fn: Callable) -> Callable:
+            def call(*args: Any) -> Any:
+                if not self.closed:  # results arriving while the viewer closes are dropped
+                    return fn(*args)
+            return call
+
+        job = start_job(gen, desc=desc, token=token, **{k: unless_closed(f) for k, f in callbacks.items()})
+        self.jobs[kind] = job
+        self.job_started.emit(kind, job)
+        return job
+
+    def busy(self, kind: str) -> bool:
+        job = self.jobs.get(kind)
+        return job is not None and job.running
+
+    def cancel(self, kind: str, *, quiet: bool = False) -> None:
+        job = self.jobs.get(kind)
+        if job is not None and job.running:
+            job.cancel("cancelled by the user" if not quiet else "superseded", quiet=quiet)
+
+    # ------------------------------------------------------------------ segment
+    def segment_view(self, region: Region | None = None, *, quiet: bool = False) -> Job | None:
+        """Segment the view (or ``region``): coarse stages painted as they come, a stale view's results dropped.
+
+        A running segmentation is cancelled (it answers a view the user has left).  With ``quiet`` (live mode)
+        a view that cannot be segmented (too large, off the slide) is reported in the status line only.
+        """
+        from ..inference import CancelToken
+
+        try:
+            self.controller.require_slide()
+            self.controller.require_model()
+            region = self.view() if region is None else region
+            token = CancelToken()
+            request_id, gen = self.controller.segment(region, token)
+        except HrsegError as exc:
+            if quiet:
+                self.viewer.status = str(exc)
+            else:
+                report_error(exc)
+            return None
+        self.cancel("segment", quiet=True)
+        return self._start("segment", gen, "Segment view", token, on_event=self._segment_event)
+
+    def _segment_event(self, event: Any) -> None:
+        from ._jobs import StoreReady, ViewUpdate
+
+        if isinstance(event, StoreReady) and not self.closed:
+            self._attach_store(event.store)
+            return
+        if not isinstance(event, ViewUpdate) or self.closed:
+            return
+        if not self.controller.tracker.is_current(event.request_id):
+            log.debug("dropping the result of stale request %s", event.request_id)
+            return
+        if self.store_layers is not None and event.written is not None:
+            shown = self.store_layers.store.to_level0(self.store_layers.window)
+            if not shown.contains(event.written):
+                self.store_layers.set_window(event.written)
+            self.store_layers.refresh()
+        self.results.show_maps(event.maps, final=event.final)
+        prediction = event.prediction
+        size = max(4.0, 3.0 * float(prediction.grid.downsample[0])) if prediction is not None else 8.0
+        self.results.show_points(event.points, size)
+        if event.instances is not None:
+            self.results.show_instances(*event.instances)
+        self.labels_changed.emit()
+        if event.final:
+            self.segmented.emit(event)
+
+    def set_live(self, enabled: bool) -> None:
+        """Re-segment whenever the camera settles on a new view (debounced pan and zoom)."""
+        self.live = bool(enabled)
+        if self.watcher is not None:
+            self.watcher.last = None
+            self.watcher.set_enabled(self.live)
+        if self.live and self.slide_layer is not None:
+            self.segment_view(quiet=True)
+
+    def _view_settled(self, region: Region) -> None:
+        if self.live:
+            self.segment_view(region, quiet=True)
+
+    # ------------------------------------------------------------------ compare
+    def compare_versions(self, label_a: str, label_b: str) -> Job | None:
+        from ..inference import CancelToken
+
+        token = CancelToken()
+        try:
+            gen = self.controller.compare(self.view(), label_a, label_b, token)
+        except HrsegError as exc:
+            report_error(exc)
+            return None
+        self.cancel("compare", quiet=True)
+        return self._start("compare", gen, "Compare versions", token, on_returned=self._compared)
+
+    def _compared(self, result: Any) -> None:
+        colormap = None
+        if self.store_layers is not None:
+            colormap = self.store_layers.editor.colormap
+        self.results.show_comparison(result, colormap)
+        self.compared.emit(result)
+
+    # ------------------------------------------------------------------ review
+    def mark_reviewed(self) -> None:
+        """Mark the view reviewed by the user with the active model version (durable at once)."""
+        def mark() -> None:
+            try:
+                review = self.controller.mark_reviewed(self.view())
+            except HrsegError as exc:
+                report_error(exc)
+                return
+            from napari.utils.notifications import show_info
+
+            self._show_reviews()
+            self.reviews_changed.emit()
+            show_info(f"marked {review.region.height} x {review.region.width} px reviewed by {review.reviewer}")
+
+        self.ensure_store(mark)
+
+    def _show_reviews(self) -> None:
+        store = self.controller.store
+        if store is None:
+            return
+        reviews = store.reviews()
+        h0, w0 = store.level0_shape
+        view = self.view()
+        width = max(2.0, (view.height if not view.is_empty else h0) / 300)
+        self.results.show_reviews(review_rectangles(reviews), width)
+
+    def next_region(self) -> None:
+        """Go to the most uncertain unreviewed region near the view (ranking it first in a worker if needed)."""
+        from ..inference import CancelToken
+
+        region = self.controller.next_region()
+        if region is not None:
+            self._go_review(region)
+            return
+        token = CancelToken()
+        try:
+            view = self.view()
+            if view.is_empty:
+                view = Region.from_shape(self.controller.require_slide().level_shapes[0])
+            gen = self.controller.rank(view, token)
+        except HrsegError as exc:
+            report_error(exc)
+            return
+        self.cancel("rank", quiet=True)
+
+        def ranked(result: list) -> None:
+            self.controller.set_review_queue(result)
+            region = self.controller.next_region()
+            if region is None:
+                from napari.utils.notifications import show_info
+
+                show_info("nothing left to review near this view: every tissue region around it is reviewed")
+                return
+            self._go_review(region)
+
+        self._start("rank", gen, "Find the next region to review", token, on_returned=ranked)
+
+    def _go_review(self, region: Region) -> None:
+        self.go_to(region)
+        if not self.live:  # live mode re-segments by itself once the camera settles
+            self.segment_view(region)
+
+    # ------------------------------------------------------------------ improve
+    def improve_model(self, settings: Any) -> Job | None:
+        from ..inference import CancelToken
+
+        token = CancelToken()
+        try:
+            gen = self.controller.improve(settings, token)
+        except HrsegError as exc:
+            report_error(exc)
+            return None
+        if self.controller.store is not None:
+            self._attach_store(self.controller.store)
+        return self._start("improve", gen, "Improve model", token, on_returned=self._improved)
+
+    def _improved(self, finished: Any) -> None:
+        from napari.utils.notifications import show_info
+
+        entry = self.controller.adopt(finished)
+        self.model_changed.emit()
+        show_info(f"{entry.label} is active: corrected pixels right {100 * finished.before:.0f}% -> "
+                  f"{100 * finished.after:.0f}% after {finished.steps} steps")
+        self.improved.emit(finished)
+        if self.slide_layer is not None:
+            self.segment_view()
+
+    # ------------------------------------------------------------------ export
+    def export(self, path: str, fmt: str, whole_slide: bool) -> Job | None:
+        from ..inference import CancelToken
+
+        token = CancelToken()
+        try:
+            region = None if whole_slide else self.view()
+            gen = self.controller.export(path, fmt, region, token)
+        except HrsegError as exc:
+            report_error(exc)
+            return None
+        if self.store_layers is not None:
+            self.store_layers.end_stroke()  # the stroke being painted is part of what is exported
+
+        def done(written: Any) -> None:
+            from napari.utils.notifications import show_info
+
+            show_info(f"exported {written}")
+            self.exported.emit(written)
+
+        return self._start("export", gen, f"Export {fmt}", token, on_returned=done)
+
+    # ------------------------------------------------------------------ keys and closing
+    def _bind_keys(self) -> None:
+        actions = {"segment": lambda v: self.segment_view(), "review": lambda v: self.mark_reviewed(),
+                   "next": lambda v: self.next_region()}
+        for action, key in SHORTCUTS.items():
+            self.viewer.bind_key(key, actions[action], overwrite=True)
+
+    def close(self) -> None:
+        """Stop the jobs, commit the current stroke and release the label store (the viewer is closing)."""
+        if self.closed:
+            return
+        self.closed = True
+        for job in list(self.jobs.values()):
+            if job.running:
+                job.cancel("the viewer closed", quiet=True)
+        _wait_for_workers(self.jobs.values())
+        if self.watcher is not None:
+            self.watcher.close()
+        if self.store_layers is not None:
+            try:
+                self.store_layers.end_stroke()
+                self.store_layers.follow(False)
+            except Exception:
+                log.debug("ending the stroke failed", exc_info=True)
+        self.store_layers = None
+        self.controller.close()
+        for key in SHORTCUTS.values():
+            try:
+                self.viewer.bind_key(key, None)
+            except Exception:
+                pass
+        if _SESSIONS.get(self.viewer) is self:
+            del _SESSIONS[self.viewer]
+
+
+def _wait_for_workers(jobs: Any, timeout_ms: int = 10000) -> None:
+    """Wait until the given jobs' workers have finished (they were asked to stop), so none still writes."""
+    from qtpy.QtCore import QCoreApplication, QElapsedTimer, QThread
+
+    timer = QElapsedTimer()
+    timer.start()
+    pending = [j for j in jobs if j.running]
+    while pending and timer.elapsed() < timeout_ms:
+        QCoreApplication.processEvents()  # delivers the workers' "finished" (the session ignores their results)
+        QThread.msleep(5)
+        pending = [j for j in pending if j.running]
