@@ -15,6 +15,14 @@ wrap a library with its own state (wsidicom, zarr) rely on that library's lockin
 
 Errors: any failure to read or decode a chunk becomes a `CorruptSlideError` naming the file, the level and the
 chunk, raised from the dask task or the direct read alike.
+
+Cache: decoded chunks are kept in one process-wide LRU (`chunk_cache`, 256 MiB by default, set
+``HRSEG_CHUNK_CACHE_MB``; 0 turns it off), because overlapping reads are the rule (inference halos, napari panning,
+512-px reads over 240-px tiles).  Cached arrays are read-only; every read returns a fresh array.
+
+Coarse levels a file lacks are `CoarsenedSource`s: box averages of the file's coarsest level, computed on demand
+(never at open) for exactly the region read.  Chained ``dask.array.coarsen`` was measured first and rejected: each
+level's rechunk widened the read, so a 300-px read at level 2 decoded the whole slide.
 """
 
 from __future__ import annotations
