@@ -232,3 +232,14 @@ def test_any_chunk_renders_well_under_a_second(vs):
     slowest = max(times, key=lambda k: times[k][0])
     cpu, wall = times[slowest]
     assert cpu < 1.0, f"level {slowest[0]} {slowest[1]}: {cpu:.2f} s CPU ({wall:.2f} s wall)"
+
+
+def test_pyramids_pickle_for_distributed_workers(vs, border):
+    """dask.distributed ships the graph to worker processes: the render functions must pickle, small, and render
+    the same pixels after the round trip."""
+    cloudpickle = pytest.importorskip("cloudpickle")
+    row, col = border.row // 512 * 512 + 200, border.col // 512 * 512 + 200
+    for arr in (vs.slide.levels[0], vs.instances[0]):
+        blob = cloudpickle.dumps(arr)
+        assert len(blob) < 100_000  # parameters only, no pixels or caches
+        assert np.array_equal(_read(cloudpickle.loads(blob), row, col, 64, 64), _read(arr, row, col, 64, 64))

@@ -50,7 +50,7 @@ _QUADRATURE = 32  # angles for the glands' exact areas
 
 
 class RenderCounts:
-    """Thread-safe counters of rendered chunks per kind (``"rgb"``, ``"semantic"``, ``"instances"``) and level.
+    """Process-wide, thread-safe counters of rendered chunks per kind (``"rgb"``, ``"semantic"``, ``"instances"``) and level.
 
     The lazy-viewer test reads them to prove that opening a slide computes nothing, and which levels napari asks
     for once a layer is shown.
@@ -79,9 +79,17 @@ class RenderCounts:
         with self._lock:
             return dict(self._counts)
 
+    def __reduce__(self):
+        # A pickled render function refers to the process's counter: workers count in their own process.
+        return (_render_counts, ())
+
 
 #: Every chunk rendered by any virtual slide in this process, by kind.
 RENDER_COUNTS = RenderCounts()
+
+
+def _render_counts() -> RenderCounts:
+    return RENDER_COUNTS
 
 
 @dataclass(frozen=True)
@@ -171,6 +179,17 @@ class ChunkRenderer:
         self.chromatin = octaves(px(2.5), px(1.25), gain=0.7, first=1.0)
         self._lock = threading.Lock()
         self._cache: OrderedDict = OrderedDict()
+
+    def __getstate__(self) -> dict:
+        # Picklable for dask's distributed workers: the lock and the cache stay behind (a worker builds its own).
+        state = self.__dict__.copy()
+        del state["_lock"], state["_cache"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+        self._cache = OrderedDict()
 
     def _blocker(self, grid):
         """The layer whose candidates ``grid``'s must not touch (lymphocytes give way to fibroblast-like nuclei)."""
