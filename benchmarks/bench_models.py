@@ -3,7 +3,7 @@
 Each model is built with its default (CPU-sized) hyper-parameters and run in eval mode under ``torch.no_grad``
 on one ``1 x 3 x 512 x 512`` tile.  FLOPs come from `torch.utils.flop_counter.FlopCounterMode` (convolutions and
 matrix products; resizes, median filters, top-k and other elementwise work are not counted, so MagNet's and
-RefineMask's counts are lower bounds).  Latency is the median of ``--repeats`` timed forwards after
+RefineMask's counts are lower bounds).  Instance models are timed on ``forward()`` (their dense heads) only.  Latency is the median of ``--repeats`` timed forwards after
 ``--warmup`` untimed ones; the models are timed in interleaved rounds (fpn, model A, model B, fpn, ...) so a
 change in machine load affects every model alike, and each is reported as a ratio to the ``"fpn"`` baseline
 measured in the same rounds.
@@ -85,6 +85,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name} | {models[name].task} | {r['params'] / 1e6:.3f} | {r['params'] / base['params']:.2f} "
               f"| {r['flops'] / 1e9:.2f} | {r['flops'] / base['flops']:.2f} "
               f"| {med:.0f} | {min(r['times']) * 1e3:.0f} | {med / base_ms:.2f} |")
+    instance = [n for n in names if models[n].task == "instance"]
+    if instance:
+        print()
+        print(f"Instance models ({', '.join(instance)}): forward() only, i.e. the dense heads; decoding proposals and "
+              "the per-object mask head (predict_instances) depend on how many objects are found and are not timed.")
+    print("FLOPs count convolutions and matrix products only (not resizes, median filters, top-k).")
     return 0
 
 
