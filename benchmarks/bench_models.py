@@ -3,10 +3,10 @@
 Each model is built with its default (CPU-sized) hyper-parameters and run in eval mode under ``torch.no_grad``
 on one ``1 x 3 x 512 x 512`` tile.  FLOPs come from `torch.utils.flop_counter.FlopCounterMode` (convolutions and
 matrix products; resizes, median filters, top-k and other elementwise work are not counted, so MagNet's and
-RefineMask's counts are lower bounds).  Instance models are timed on ``forward()`` (their dense heads) only.  Latency is the median of ``--repeats`` timed forwards after
-``--warmup`` untimed ones; the models are timed in interleaved rounds (fpn, model A, model B, fpn, ...) so a
-change in machine load affects every model alike, and each is reported as a ratio to the ``"fpn"`` baseline
-measured in the same rounds.
+RefineMask's counts are lower bounds).  Instance models are timed on ``forward()`` (their dense heads) only.
+Latency is the median of ``--repeats`` timed forwards after ``--warmup`` untimed ones; the models are timed in
+interleaved rounds (fpn, model A, model B, fpn, ...) so a change in machine load affects every model alike, and
+each is reported as a ratio to the ``"fpn"`` baseline measured in the same rounds.
 
 Run:  python benchmarks/bench_models.py [--threads 2] [--size 512] [--repeats 7] [--warmup 2] [--models fpn magnet]
 """
