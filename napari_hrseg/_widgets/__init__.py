@@ -39,12 +39,7 @@ PANELS = {
 def dock_panels(viewer: "napari.Viewer", *, area: str = "right") -> dict[str, object]:
     """Create the four panels for ``viewer`` and dock them as tabs; returns ``{title: panel}``."""
     panels = {title: cls(viewer) for title, cls in PANELS.items()}
-    docks = []
-    for title, panel in panels.items():
-        dock = viewer.window.add_dock_widget(panel, name=f"napari-hrseg: {title}", area=area)
-        docks.append(dock)
-    main = viewer.window._qt_window
-    for dock in docks[1:]:
-        main.tabifyDockWidget(docks[0], dock)
-    docks[0].raise_()
+    docks = [viewer.window.add_dock_widget(panel, name=f"napari-hrseg: {title}", area=area, tabify=i > 0)
+             for i, (title, panel) in enumerate(panels.items())]
+    docks[0].raise_()  # the Segment tab in front
     return panels

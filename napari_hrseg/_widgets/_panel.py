@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from qtpy.QtCore import Qt
+from qtpy.QtCore import QEvent, Qt, QTimer
 from qtpy.QtGui import QColor, QIcon, QPixmap
-from qtpy.QtWidgets import QComboBox, QLabel, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QComboBox, QLabel, QMainWindow, QVBoxLayout, QWidget
 
 from ._session import AppSession
 
@@ -25,6 +25,22 @@ class Panel(QWidget):
         self.session = AppSession.for_viewer(napari_viewer)
         self.layout_ = QVBoxLayout(self)
         self.layout_.setAlignment(Qt.AlignmentFlag.AlignTop)
+
+    def event(self, event: QEvent) -> bool:  # noqa: D102
+        # Once docked, the panel's window is the viewer's main window: the session closes with it (committing the
+        # current stroke and unlocking the label store) -- found without napari's private attributes.
+        if event.type() in (QEvent.Type.ParentChange, QEvent.Type.Show):
+            self._find_window()
+            QTimer.singleShot(0, self._find_window)  # the dock joins the main window right after
+        return super().event(event)
+
+    def _find_window(self) -> None:
+        try:
+            window = self.window()
+        except RuntimeError:  # deleted meanwhile
+            return
+        if isinstance(window, QMainWindow):
+            self.session.watch_window(window)
 
     @property
     def controller(self):

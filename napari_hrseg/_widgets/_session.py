@@ -99,7 +99,7 @@ class AppSession(QObject):
         viewer.layers.events.inserted.connect(self._layers_changed)
         viewer.layers.events.removed.connect(self._layers_changed)
         self._bind_keys()
-        self._close_watcher = _CloseWatcher(viewer.window._qt_window, self.close)
+        self._close_watcher: _CloseWatcher | None = None
         self._layers_changed()
 
     # ------------------------------------------------------------------ one per viewer
@@ -112,12 +112,26 @@ class AppSession(QObject):
             _SESSIONS[viewer] = session
         return session
 
+    def watch_window(self, window: QObject) -> None:
+        """Close the session when ``window`` (the viewer's main window, found by a docked panel) closes."""
+        if self._close_watcher is None and window is not None:
+            self._close_watcher = _CloseWatcher(window, self.close)
+
     # ------------------------------------------------------------------ slide
     def _layers_changed(self, event: Any = None) -> None:
         if self.closed:
             return
         if self.slide_layer is not None and self.slide_layer in self.viewer.layers:
             return
+        if self.slide_layer is not None:
+            # The slide was removed (by the user, or napari clearing the layers as the viewer closes): switch
+            # once the layer list is settled, not inside its removal.
+            from qtpy.QtCore import QTimer
+
+            self.slide_layer = None
+            QTimer.singleShot(0, self._layers_changed)
+            return
+        self._stop_jobs()
         layer = next((lay for lay in self.viewer.layers if "hrseg_slide" in (lay.metadata or {})), None)
         self.slide_layer = layer
         self.controller.set_slide(None if layer is None else layer.metadata["hrseg_slide"])
@@ -459,6 +473,13 @@ class AppSession(QObject):
         return self._start("export", gen, f"Export {fmt}", token, on_returned=done)
 
     # ------------------------------------------------------------------ keys and closing
+    def _stop_jobs(self, reason: str = "the slide was closed") -> None:
+        """Cancel every running job and wait until its worker is done (none may write to a store being closed)."""
+        running = [job for job in self.jobs.values() if job.running]
+        for job in running:
+            job.cancel(reason, quiet=True)
+        _wait_for_workers(running)
+
     def _bind_keys(self) -> None:
         actions = {"segment": lambda v: self.segment_view(), "review": lambda v: self.mark_reviewed(),
                    "next": lambda v: self.next_region()}
@@ -470,10 +491,7 @@ class AppSession(QObject):
         if self.closed:
             return
         self.closed = True
-        for job in list(self.jobs.values()):
-            if job.running:
-                job.cancel("the viewer closed", quiet=True)
-        _wait_for_workers(self.jobs.values())
+        self._stop_jobs("the viewer closed")
         if self.watcher is not None:
             self.watcher.close()
         if self.store_layers is not None:
