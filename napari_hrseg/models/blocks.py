@@ -91,7 +91,8 @@ def resize(x: torch.Tensor, size: tuple[int, int], mode: str = "bilinear", antia
     if mode == "nearest":
         return F.interpolate(x, size=size, mode="nearest")
     shrinking = size[0] < x.shape[-2] or size[1] < x.shape[-1]
-    return F.interpolate(x, size=size, mode=mode, align_corners=False, antialias=antialias and shrinking and mode == "bilinear")
+    antialias = antialias and shrinking and mode == "bilinear"
+    return F.interpolate(x, size=size, mode=mode, align_corners=False, antialias=antialias)
 
 
 def scaled_size(size: tuple[int, int], scale: float) -> tuple[int, int]:

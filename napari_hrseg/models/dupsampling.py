@@ -107,7 +107,8 @@ def label_block_vectors(labels: Any, num_classes: int, ratio: int, *, ignore_ind
     unknown = t == ignore_index
     bad = (t < 0) | ((t >= num_classes) & ~unknown)
     if bool(bad.any()):
-        raise ValueError(f"labels outside [0, {num_classes}) and not {ignore_index}: {sorted(set(t[bad].tolist()))[:5]}")
+        examples = sorted(set(t[bad].tolist()))[:5]
+        raise ValueError(f"labels outside [0, {num_classes}) and not {ignore_index}: {examples}")
     if ignore_as is not None:
         t = t.masked_fill(unknown, int(ignore_as))
         keep = torch.ones((h // ratio) * (w // ratio), dtype=torch.bool)
@@ -264,7 +265,8 @@ class DUpsamplingSegmenter(HrsegModel):
         self.fuse_strides = tuple(sorted(int(s) for s in p["fuse_strides"]))
         if 32 not in self.fuse_strides or not set(self.fuse_strides) <= {4, 8, 16, 32}:
             raise ModelError(f"fuse_strides={tuple(p['fuse_strides'])} must be among (4, 8, 16, 32) and include 32",
-                             subject="dupsampling", hint="the deepest features (stride 32) are what DUpsampling decodes")
+                             subject="dupsampling",
+                             hint="the deepest features (stride 32) are what DUpsampling decodes")
         n_feat = self.ratio * self.ratio * config.num_classes
         n_comp = int(p["n_components"])
         if not 1 <= n_comp <= n_feat:

@@ -220,7 +220,8 @@ class MagNet(HrsegModel):
         """Base segmenter logits ``(N, C, H, W)`` at the input size."""
         return self.segmenter(image)["logits"]
 
-    def refine_stage(self, coarse_probs: torch.Tensor, image: torch.Tensor, stage: int, **overrides: Any) -> StageResult:
+    def refine_stage(self, coarse_probs: torch.Tensor, image: torch.Tensor, stage: int,
+                     **overrides: Any) -> StageResult:
         """Run refinement stage ``stage`` (>= 2) on one image with this model's segmenter and refiner.
 
         Parameters
@@ -310,7 +311,8 @@ class MagNet(HrsegModel):
     def _pixel_loss(self, logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
         p = self.params
         if p["ohem"]:
-            return ohem_cross_entropy(logits, labels, weight, threshold=p["ohem_threshold"], min_kept=p["ohem_min_kept"])
+            return ohem_cross_entropy(logits, labels, weight, threshold=p["ohem_threshold"],
+                                      min_kept=p["ohem_min_kept"])
         return masked_cross_entropy(logits, labels, weight)
 
     def loss(self, outputs: dict[str, torch.Tensor], batch: Batch) -> dict[str, torch.Tensor]:
