@@ -122,18 +122,23 @@ def make_prediction(
     points: np.ndarray | None = None,
     timings: dict[str, float] | None = None,
     uncertainty_key: str | None = "output",
+    on: tuple[PixelGrid, Region] | None = None,
+    **fields,
 ) -> Prediction:
     """A `Prediction` on the context's grid region from ``(C, H, W)`` probabilities.
 
     Labels are the argmax; ``maps["uncertainty"][uncertainty_key]`` gets ``1 - (p1 - p2)`` unless the key is None.
+    ``on`` puts the prediction on another grid and region than the context's (a coarse stage's result);
+    ``fields`` are further `Prediction` fields (``point_stages``, ``instances``, ``objects``).
     """
     options = ctx.request.options
+    grid, grid_region = on if on is not None else (ctx.grid, ctx.grid_region)
     labels, uncertainty = softmax_summary(probs)
     maps = {k: dict(v) for k, v in (maps or {}).items()}
     grids = dict(grids or {})
     if uncertainty_key is not None:
         maps.setdefault("uncertainty", {})[uncertainty_key] = uncertainty.cpu().numpy()
-        grids[uncertainty_key] = (ctx.grid, ctx.grid_region)
+        grids[uncertainty_key] = (grid, grid_region)
     kept = None
     if options.keep_probs:
         kept = probs.to(torch.float16 if options.probs_dtype == "float16" else torch.float32).cpu().numpy()
@@ -141,9 +146,9 @@ def make_prediction(
     timings["total"] = time.perf_counter() - ctx.started
     return Prediction(
         region=ctx.region,
-        level=ctx.grid.level,
-        downsample=ctx.grid.downsample,
-        grid_region=ctx.grid_region,
+        level=grid.level,
+        downsample=grid.downsample,
+        grid_region=grid_region,
         labels=labels.cpu().numpy(),
         probs=kept,
         maps=maps,
@@ -153,8 +158,9 @@ def make_prediction(
         request_id=ctx.request_id,
         class_names=tuple(ctx.model.config.class_names),
         method=method,
-        grid=ctx.grid,
+        grid=grid,
         timings=timings,
+        **fields,
     )
 
 

@@ -230,6 +230,12 @@ class Prediction:
         The output grid (level, downsample, resampling).
     timings : dict of str to float
         Seconds spent per step (``"read"``, ``"forward"``, ``"stitch"``, ``"total"``).
+    point_stages : numpy.ndarray or None
+        ``(N,)`` uint8 stage (2, 3, ...) at which each of ``points`` was refined (MagNet); None without points.
+    instances : numpy.ndarray or None
+        ``(H, W)`` int32 instance ids on the same grid as ``labels`` (0 = none), for instance pipelines.
+    objects : ObjectTable or None
+        One row per instance (id, class, score, area, centroid, bounding box), for instance pipelines.
     """
 
     region: Region
@@ -247,12 +253,19 @@ class Prediction:
     method: str
     grid: "PixelGrid"
     timings: dict[str, float] = field(default_factory=dict)
+    point_stages: np.ndarray | None = None
+    instances: np.ndarray | None = None
+    objects: Any = None
 
     def __post_init__(self):
         if self.labels.shape != self.grid_region.shape:
             raise ValueError(f"labels {self.labels.shape} do not match grid_region {self.grid_region.shape}")
         if self.probs is not None and self.probs.shape[1:] != self.labels.shape:
             raise ValueError(f"probs {self.probs.shape} do not match labels {self.labels.shape}")
+        if self.instances is not None and self.instances.shape != self.labels.shape:
+            raise ValueError(f"instances {self.instances.shape} do not match labels {self.labels.shape}")
+        if self.point_stages is not None and self.point_stages.shape != (self.points.shape[0],):
+            raise ValueError(f"{self.point_stages.shape} point stages for {self.points.shape[0]} points")
 
     def layer_transform(self, scale_key: str | None = None) -> dict[str, tuple[float, float]]:
         """napari ``scale`` and ``translate`` placing an output array over the level-0 image layer.
