@@ -14,12 +14,19 @@ The pixel colour is the mean light of the level-0 pixels under it, obtained with
 - *glands* are drawn with an anti-aliased edge while they span several pixels; below
   ``SPLAT_GLANDS_FROM_DS`` each gland is splatted as its exact area (outline and lumen integrated over angle);
 - *nuclei* are drawn one by one, anti-aliased, up to a downsample of ``EXPLICIT_NUCLEI_UP_TO_DS``; beyond, each
-  layer becomes a density: its acceptance probability times its mean area per cell, in the compartment it
-  lives in, coloured by the mean light of its darkness range.
+  layer becomes a density (its expected area share of the compartment it lives in, from the same parameters
+  the explicit nuclei are drawn with), coloured by the mean light of its darkness range.
+
+Measured against the 2 x 2 mean of the finer level (``tests/test_virtual_slide.py``): level 1 differs from
+level 0 by 0.6 grey levels on average, with no colour bias; coarser levels stay within about a grey level of
+bias, their pixel-wise differences (2-9 grey levels) being the arrangement of nuclei and glands the finer level
+resolves and the coarser one spreads.
 
 Labels are point samples: the class and the nucleus at each pixel centre.  At level 0 the class is decided by the
 very quantities that set the pixel's colour (tissue coverage above one half, gland and lumen edges at the pixel
-centre), so ground truth and pixels agree exactly.
+centre), so ground truth and pixels agree exactly.  Gland and nucleus geometry is exact at every level; the tissue
+border and the glands' micrometre roughness are the level's band-limited fields (detail finer than a pixel of
+that level is not in its labels, as it is not in its pixels).
 """
 
 from __future__ import annotations
