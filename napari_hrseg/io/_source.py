@@ -296,20 +296,39 @@ class ChunkSource(ABC):
             return self.read_chunk(iy, ix)[row0 - r0 : row1 - r0, col0 - c0 : col1 - c0].copy()
         out = np.empty((row1 - row0, col1 - col0, self.shape[2]), dtype=self.dtype)
 
-        def place(cell: tuple[int, int]) -> None:
+        def place(cell: tuple[int, int], tile: np.ndarray | None = None) -> None:
             iy, ix = cell
             r0, r1, c0, c1 = self.chunk_bounds(iy, ix)
-            tile = self.read_chunk(iy, ix)
+            if tile is None:
+                tile = self.read_chunk(iy, ix)
             y0, y1, x0, x1 = max(r0, row0), min(r1, row1), max(c0, col0), min(c1, col1)
             out[y0 - row0 : y1 - row0, x0 - col0 : x1 - col0] = tile[y0 - r0 : y1 - r0, x0 - c0 : x1 - c0]
 
-        if len(cells) >= self.parallel_threshold and threading.current_thread().name[:12] != "hrseg-decode":
-            # list() re-raises the first chunk error in this thread, with its CorruptSlideError message.
-            list(decode_pool().map(place, cells))
+        # Cached chunks are copied in this thread: handing a memcpy to a pool thread only adds a wake-up, which
+        # on a loaded machine costs more than the copy.  Only chunks that need decoding go to the pool.
+        to_decode = []
+        for cell in cells:
+            tile = self._cached(cell)
+            if tile is None:
+                to_decode.append(cell)
+            else:
+                place(cell, tile)
+        if len(to_decode) >= self.parallel_threshold and threading.current_thread().name[:12] != "hrseg-decode":
+            # The calling thread decodes its share too (it is already running; pool threads must be woken).
+            pool = decode_pool()
+            stripes = min(len(to_decode), pool._max_workers + 1)
+            futures = [pool.submit(_place_all, place, to_decode[k::stripes]) for k in range(1, stripes)]
+            _place_all(place, to_decode[0::stripes])
+            for future in futures:
+                future.result()  # re-raises a chunk's CorruptSlideError in this thread
         else:
-            for cell in cells:
-                place(cell)
+            _place_all(place, to_decode)
         return out
+
+    def _cached(self, cell: tuple[int, int]) -> np.ndarray | None:
+        if not (self.cacheable and chunk_cache.max_bytes > 0):
+            return None
+        return chunk_cache.get((self._cache_id(),) + tuple(cell))
 
     # dask calls source[slices] for each chunk (and, after graph optimisation, for sub-chunk slices).
     def __getitem__(self, key: tuple[slice, ...]) -> np.ndarray:
@@ -326,6 +345,11 @@ class ChunkSource(ABC):
     def __repr__(self) -> str:
         name = type(self).__name__
         return f"{name}({self.subject!r}, level={self.level}, shape={self.shape}, chunks={self.chunk_shape})"
+
+
+def _place_all(place: Callable[[tuple[int, int]], None], cells: Sequence[tuple[int, int]]) -> None:
+    for cell in cells:
+        place(cell)
 
 
 def _as_slice(k: Any) -> slice:
