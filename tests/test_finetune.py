@@ -100,6 +100,7 @@ def test_fine_tune_moves_the_prediction_toward_the_correction_and_saves_a_versio
     assert lin["kind"] == "fine-tune" and lin["parent"]["label"] == "glands@1"
     assert lin["parent"]["weights"] == before_weights and lin["seed"] == 0
     assert lin["data"]["corrected_pixels"] == BOX * BOX and lin["data"]["coarse_pixels"] > 0
+    assert lin["data"]["correction_weight"] == "balanced" and lin["data"]["correction_share"] == 0.5
     assert len(lin["data"]["fingerprint"]) == 16 and lin["training"]["steps"] == FT["steps"]
     assert lin["metrics"]["corrected_acc_after"] == pytest.approx(after, abs=1e-6)
     x = torch.rand(1, 3, 64, 64)
@@ -152,6 +153,11 @@ def test_merge_and_input_errors(teacher):
     m = merged[0]
     assert m.labels[0].tolist() == [1, 1, IGNORE_INDEX, 1, 0, 1, IGNORE_INDEX, 1]
     assert m.weight[0].tolist() == [3, 3, 0, 1, 1, 1, 0, 1]
+    # Balanced (default): the 16 corrected pixels carry half the weight of the image against 32 coarse ones.
+    m = merge_corrections([Sample(image, fine, key="r")], [coarse])[0]
+    assert m.weight[:, :2].sum() == pytest.approx(m.weight[:, 2:].sum()) and m.weight[0, 0] == pytest.approx(2.0)
+    with pytest.raises(TrainingError, match="correction_share"):
+        merge_corrections([Sample(image, fine, key="r")], [coarse], correction_share=1.0)
     with pytest.raises(TrainingError, match="no corrected pixels"):
         next(fine_tune(teacher, [Sample(image, np.full((8, 8), IGNORE_INDEX, np.uint8))]))
     with pytest.raises(TrainingError, match="class 5"):

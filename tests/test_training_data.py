@@ -155,6 +155,24 @@ def test_split_is_by_image_reproducible_and_disjoint(glas):
     assert dataset_fingerprint(list(reversed(train))) == dataset_fingerprint(train)
 
 
+def test_focus_crops_contain_the_focus_pixels():
+    image = np.full((200, 300, 3), 90, np.uint8)
+    focus = np.zeros((200, 300), bool)
+    focus[150:160, 250:260] = True  # a small corrected patch in a corner
+    src = ArraySource(image, np.zeros((200, 300), np.uint8), mpp=1.0, key="f", focus=focus)
+    other = ArraySource(image, np.ones((200, 300), np.uint8), mpp=1.0, key="g")
+    marks = np.zeros((200, 300), np.uint8)
+    marks[focus] = 1
+    tagged = ArraySource(image, marks, mpp=1.0, key="f", focus=focus)
+    sampler = CropSampler([tagged, other], mpp=1.0, crop=32, seed=0, focus=1.0)
+    assert all(c.key == "f" and np.any(c.labels == 1) for c in sampler.batch(20))
+    # Resampled sources map their focus pixels to the crop pixel size.
+    pts = src.focus_points(2.0)
+    assert pts.min(axis=0).tolist() == [75, 125] and pts.max(axis=0).tolist() == [79, 129]
+    half = CropSampler([tagged, other], mpp=1.0, crop=32, seed=0, focus=0.5).batch(40)
+    assert 5 < sum(c.key == "f" and np.any(c.labels == 1) for c in half) < 40
+
+
 def test_sampler_is_deterministic_given_a_seed(glas):
     from napari_hrseg.training.augment import Augment
 

@@ -193,14 +193,26 @@ class ArraySource:
         Pixel size in µm; ``None`` means the arrays are already at whatever pixel size is asked for.
     key : str
         Identity (file name, slide region, ...).
+    focus : numpy.ndarray, optional
+        ``(H, W)`` bool: pixels that crops should favour (e.g. a user's corrections; see `CropSampler.focus`).
     """
 
     def __init__(self, image: np.ndarray, labels: np.ndarray, instances: np.ndarray | None = None,
-                 weight: np.ndarray | None = None, *, mpp: float | None = None, key: str = "array"):
+                 weight: np.ndarray | None = None, *, mpp: float | None = None, key: str = "array",
+                 focus: np.ndarray | None = None):
         self.key = key
         self.mpp = mpp
         self._base = Sample(image, labels, instances, weight, key=key, mpp=mpp)
         self._cache: dict[float, Sample] = {}
+        self._focus = None if focus is None else np.argwhere(np.asarray(focus, bool))
+
+    def focus_points(self, mpp: float) -> np.ndarray | None:
+        """``(N, 2)`` (row, col) of the focus pixels at ``mpp``, or None."""
+        if self._focus is None or not len(self._focus):
+            return None
+        if self.mpp is None or math.isclose(self.mpp, mpp, rel_tol=1e-3):
+            return self._focus
+        return np.floor((self._focus + 0.5) * (self.mpp / mpp)).astype(np.int64)
 
     @classmethod
     def from_sample(cls, sample: Sample) -> "ArraySource":
@@ -698,6 +710,10 @@ class CropSampler:
         ``augment(sample, rng) -> sample`` (see `napari_hrseg.training.augment.Augment`).
     min_labelled : float
         Minimum fraction of labelled pixels in a crop.
+    focus : float
+        Share of crops placed to contain a random *focus* pixel of a source that has them (`ArraySource`'s
+        ``focus``, e.g. a user's corrections), so that a small corrected area is seen often; the other crops
+        are drawn as above.
     """
 
     sources: Sequence[LabelledSource]
@@ -706,6 +722,7 @@ class CropSampler:
     seed: int = 0
     augment: Callable[[Sample, np.random.Generator], Sample] | None = None
     min_labelled: float = 0.01
+    focus: float = 0.0
     rng: np.random.Generator = field(init=False)
 
     def __post_init__(self):
@@ -717,6 +734,10 @@ class CropSampler:
         self._sizes = [s.size_at(self.mpp) for s in self.sources]
         area = np.array([h * w for h, w in self._sizes], dtype=float)
         self._p = area / area.sum()
+        points = [getattr(s, "focus_points", lambda m: None)(self.mpp) for s in self.sources]
+        self._focus = [(i, pts) for i, pts in enumerate(points) if pts is not None and len(pts)]
+        counts = np.array([len(pts) for _, pts in self._focus], dtype=float)
+        self._focus_p = counts / counts.sum() if len(counts) else counts
 
     @property
     def total_pixels(self) -> int:
@@ -724,9 +745,11 @@ class CropSampler:
         return int(sum(h * w for h, w in self._sizes))
 
     def _one(self) -> Sample:
+        c = self.crop
+        if self._focus and self.focus > 0 and self.rng.random() < self.focus:
+            return self._focused(c)
         i = int(self.rng.choice(len(self.sources), p=self._p))
         h, w = self._sizes[i]
-        c = self.crop
         sample = None
         for _ in range(20):
             r = int(self.rng.integers(min(0, h - c), max(0, h - c) + 1))
@@ -738,6 +761,17 @@ class CropSampler:
         if self.augment is not None:
             sample = self.augment(sample, self.rng)
         return sample
+
+    def _focused(self, c: int) -> Sample:
+        """A crop containing a random focus pixel, at a random position within the crop."""
+        j = int(self.rng.choice(len(self._focus), p=self._focus_p))
+        i, pts = self._focus[j]
+        pr, pc = pts[int(self.rng.integers(len(pts)))]
+        h, w = self._sizes[i]
+        r = int(np.clip(pr - self.rng.integers(c), min(0, h - c), max(0, h - c)))
+        col = int(np.clip(pc - self.rng.integers(c), min(0, w - c), max(0, w - c)))
+        sample = self.sources[i].read(Region(r, col, c, c), self.mpp)
+        return self.augment(sample, self.rng) if self.augment is not None else sample
 
     def batch(self, size: int) -> list[Sample]:
         """``size`` augmented crops."""

@@ -17,8 +17,13 @@ at the model's pixel size, or with ``Sample.mpp`` set to be resampled):
   where it was unsure.
 
 A correction and a coarse sample with the same ``key`` (the same image or slide region) are merged into one
-training image: the fine label and ``correction_weight`` where corrected, the coarse label and
-``coarse_weight`` elsewhere, ignored where neither knows.  ``coarse_labels="teacher"`` makes them from the
+training image: the fine label where corrected, the coarse label elsewhere, ignored where neither knows.
+
+Weighting: a correction is usually small next to the coarse labels around it, and where the teacher is wrong
+it is also wrong on similar tissue nearby, so its coarse labels there contradict the correction.  By default
+the corrected pixels of an image therefore carry ``correction_share`` (half) of its loss weight whatever their
+area (never less than the coarse pixels' weight), and ``focus`` (half) of the crops are placed on corrected
+pixels; ``correction_weight`` sets a fixed per-pixel weight instead.  ``coarse_labels="teacher"`` makes them from the
 model itself on every correction's image (threshold ``coarse_threshold``), which is the usual loop: the user
 fixes what is wrong in a region, and the model's confident predictions keep the rest of it in place.
 
@@ -109,30 +114,53 @@ def teacher_coarse_labels(model: HrsegModel, samples: Iterable[Sample],
     return out
 
 
-def merge_corrections(corrections: Sequence[Sample], coarse: Sequence[Sample], *, correction_weight: float = 3.0,
-                      coarse_weight: float = 1.0) -> list[Sample]:
+def merge_corrections(corrections: Sequence[Sample], coarse: Sequence[Sample], *, correction_weight: float | None = None,
+                      correction_share: float = 0.5, coarse_weight: float = 1.0) -> list[Sample]:
     """Training samples from corrections and coarse labels (see the module docstring).
 
-    Returns one sample per distinct key; each has a ``weight`` map (``correction_weight`` on corrected pixels,
-    ``coarse_weight`` on coarse ones).
+    Parameters
+    ----------
+    corrections, coarse : sequences of Sample
+        Paired by ``key``.
+    correction_weight : float, optional
+        Fixed loss weight of a corrected pixel (coarse pixels weigh ``coarse_weight``).  Default: balanced, see
+        ``correction_share``.
+    correction_share : float
+        With ``correction_weight=None``: the share of an image's total loss weight its corrected pixels carry
+        (their per-pixel weight is at least ``coarse_weight``).
+    coarse_weight : float
+        Loss weight of a coarse pixel.
+
+    Returns
+    -------
+    list of Sample
+        One per distinct key, with a ``weight`` map (0 where the label is unknown).
     """
+    if not 0 < correction_share < 1:
+        raise TrainingError(f"correction_share={correction_share} is not in (0, 1)", subject="fine_tune")
     by_key: dict[str, Sample] = {}
     for s in coarse:
         if s.key in by_key:
             raise TrainingError("two coarse samples share a key", subject=s.key)
-        w = np.where(s.labels != IGNORE_INDEX, coarse_weight, 0.0).astype(np.float32)
-        by_key[s.key] = s.evolve(weight=w)
+        by_key[s.key] = s.evolve(weight=np.where(s.labels != IGNORE_INDEX, coarse_weight, 0.0).astype(np.float32))
     for c in corrections:
         fine = c.labels != IGNORE_INDEX
         base = by_key.get(c.key)
         if base is None:
-            by_key[c.key] = c.evolve(weight=np.where(fine, correction_weight, 0.0).astype(np.float32))
+            w = correction_weight if correction_weight is not None else max(coarse_weight, 1.0)
+            by_key[c.key] = c.evolve(weight=np.where(fine, w, 0.0).astype(np.float32))
             continue
         if base.shape != c.shape or base.mpp != c.mpp:
             raise TrainingError(f"correction {c.shape} and coarse labels {base.shape} of the same key differ in size",
                                 subject=c.key, hint="give both at the same pixel size and extent")
+        n_fine = int(np.count_nonzero(fine))
+        n_coarse = int(np.count_nonzero((base.labels != IGNORE_INDEX) & ~fine))
+        w = correction_weight
+        if w is None:
+            w = coarse_weight if n_fine == 0 or n_coarse == 0 else max(
+                coarse_weight, correction_share / (1 - correction_share) * coarse_weight * n_coarse / n_fine)
         labels = np.where(fine, c.labels, base.labels).astype(np.uint8)
-        weight = np.where(fine, correction_weight, base.weight).astype(np.float32)
+        weight = np.where(fine, w, base.weight).astype(np.float32)
         by_key[c.key] = base.evolve(labels=labels, weight=weight, image=c.image)
     return list(by_key.values())
 
@@ -151,8 +179,8 @@ def corrected_accuracy(model: HrsegModel, corrections: Sequence[Sample]) -> floa
 
 def fine_tune(model: HrsegModel, corrections: Iterable[Sample],
               coarse_labels: Iterable[Sample] | str | None = "teacher", *, out: str | Path | None = None, steps: int = 200, crop: int = 160, batch_size: int = 4,
-              lr: float = 2e-4, weight_decay: float = 1e-4, correction_weight: float = 3.0, coarse_weight: float = 1.0,
-              coarse_threshold: float = DEFAULT_THRESHOLD, freeze_norm: bool = True, augment: Augment | None = None,
+              lr: float = 2e-4, weight_decay: float = 1e-4, correction_weight: float | None = None,
+              correction_share: float = 0.5, coarse_weight: float = 1.0, focus: float = 0.5, coarse_threshold: float = DEFAULT_THRESHOLD, freeze_norm: bool = True, augment: Augment | None = None,
               seed: int = 0, device: str = "auto", version: str | None = None, name: str | None = None,
               val: Sequence[Sample] = (), log_path: str | Path | None = None, cancel: CancelToken = None,
               ) -> Generator[TrainStep | Validated | PhaseStarted | FineTuneFinished, None, HrsegModel]:
@@ -171,8 +199,10 @@ def fine_tune(model: HrsegModel, corrections: Iterable[Sample],
         Directory of the new version (``config.json`` + ``model.safetensors``), written only at the end.
     steps, crop, batch_size, lr, weight_decay
         Training budget (see `TrainConfig`).
-    correction_weight, coarse_weight : float
-        Loss weight of corrected and coarse pixels.
+    correction_weight, correction_share, coarse_weight
+        Loss weights (see `merge_corrections`): by default corrected pixels carry half of each image's weight.
+    focus : float
+        Share of crops placed on corrected pixels.
     coarse_threshold : float
         Confidence threshold of ``coarse_labels="teacher"``.
     freeze_norm : bool
@@ -219,8 +249,11 @@ def fine_tune(model: HrsegModel, corrections: Iterable[Sample],
         coarse = teacher_coarse_labels(model, corrections, coarse_threshold)
     else:
         coarse = [_at_model_mpp(s, model) for s in (coarse_labels or ())]
-    samples = merge_corrections(corrections, coarse, correction_weight=correction_weight, coarse_weight=coarse_weight)
-    sources = [ArraySource.from_sample(s) for s in samples]
+    samples = merge_corrections(corrections, coarse, correction_weight=correction_weight,
+                                correction_share=correction_share, coarse_weight=coarse_weight)
+    fine_keys = {c.key: c.labels != IGNORE_INDEX for c in corrections}
+    sources = [ArraySource(s.image, s.labels, s.instances, s.weight, mpp=s.mpp, key=s.key, focus=fine_keys.get(s.key))
+               for s in samples]
     val_sources = [ArraySource.from_sample(_at_model_mpp(s, model)) for s in val]
 
     before = corrected_accuracy(model, corrections)
@@ -228,7 +261,7 @@ def fine_tune(model: HrsegModel, corrections: Iterable[Sample],
     config = TrainConfig(
         steps=steps, batch_size=batch_size, crop=crop, lr=lr, weight_decay=weight_decay, optimizer="adamw",
         schedule="cosine", warmup_steps=min(10, steps // 10), val_every=max(1, steps // 4) if val_sources else 0,
-        seed=seed, device=device, freeze_norm=freeze_norm, min_labelled=0.02,
+        seed=seed, device=device, freeze_norm=freeze_norm, min_labelled=0.02, focus=focus,
         augment=augment if augment is not None else LIGHT_AUGMENT,
         log_path=None if log_path is None else Path(log_path),
     )
@@ -253,8 +286,10 @@ def fine_tune(model: HrsegModel, corrections: Iterable[Sample],
             "coarse_pixels": coarse_px,
             "coarse_source": coarse_labels if isinstance(coarse_labels, str) else ("samples" if coarse else None),
             "coarse_threshold": coarse_threshold if coarse_labels == "teacher" else None,
-            "correction_weight": correction_weight,
+            "correction_weight": correction_weight if correction_weight is not None else "balanced",
+            "correction_share": correction_share,
             "coarse_weight": coarse_weight,
+            "focus": focus,
             "val": [s.key for s in val_sources],
         },
         seed=seed,

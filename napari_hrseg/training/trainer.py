@@ -118,6 +118,8 @@ class TrainConfig:
         right choice for batches of 1-4 crops, whose statistics are too noisy to update the running ones.
     min_labelled : float
         Crops with a smaller fraction of labelled pixels are redrawn.
+    focus : float
+        Share of crops centred on sources' focus pixels (see `CropSampler`); fine-tuning uses it for corrections.
     augment : Augment
         Augmentation of training crops (`Augment.identity()` for none).
     log_path : Path, optional
@@ -145,6 +147,7 @@ class TrainConfig:
     grad_clip: float | None = 10.0
     freeze_norm: bool = False
     min_labelled: float = 0.01
+    focus: float = 0.0
     augment: Augment = field(default_factory=Augment)
     log_path: Path | None = None
 
@@ -465,7 +468,7 @@ def train(model: HrsegModel, train_sources: Sequence[LabelledSource], val_source
 
     seed_everything(config.seed)
     sampler = CropSampler(train_sources, mpp, config.crop, seed=config.seed, augment=config.augment,
-                          min_labelled=config.min_labelled)
+                          min_labelled=config.min_labelled, focus=config.focus)
     total, per_epoch = _plan_steps(config, sampler)
     val_samples = (tile_samples(val_sources, mpp, config.val_tile, max_tiles=config.val_max_tiles, seed=config.seed)
                    if val_sources else [])
