@@ -49,7 +49,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "train",
         help="train a model on labelled images",
-        description=__doc__.split("Examples")[0].strip(),
+        description="Train any registered model on image/label pairs, label stores or slides; writes "
+                    "model.safetensors, config.json (with lineage) and train_log.jsonl into --out.",
+        epilog="examples:\n" + __doc__.split("--------\n", 1)[1].split("The output directory")[0].replace("``", ""),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     what = p.add_argument_group("model")
