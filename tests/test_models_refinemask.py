@@ -257,9 +257,10 @@ def trained_model():
     return model
 
 
-def test_forward_shapes_and_gradients_at_odd_size():
+@pytest.mark.parametrize("semantic_stride", [2, 4])
+def test_forward_shapes_and_gradients_at_odd_size(semantic_stride):
     torch.manual_seed(0)
-    model = create_model("refinemask")
+    model = create_model("refinemask", semantic_stride=semantic_stride)
     assert isinstance(model, RefineMask) and model.config.task == "instance"
     x = torch.randn(2, 3, 97, 131)
     labels = torch.zeros(2, 97, 131, dtype=torch.long)
@@ -269,6 +270,7 @@ def test_forward_shapes_and_gradients_at_odd_size():
     out = model(x)
     assert out["logits"].shape == (2, 2, 97, 131)
     assert out["heatmap"].shape == (2, 1, 25, 33)
+    assert out["semantic_logits"].shape == ((2, 1, 49, 66) if semantic_stride == 2 else (2, 1, 25, 33))
     losses = model.loss(out, Batch(x, labels))  # instances from connected components of the labels
     assert losses["rois"] == 4
     losses["loss"].backward()
@@ -334,3 +336,14 @@ def test_overlaps_go_to_the_higher_score_and_fragments_are_dropped():
     rows = np.unique(np.nonzero(first)[0])
     assert rows.tolist() in ([0, 1, 2, 3], [6, 7, 8, 9])
     np.testing.assert_allclose(pred.scores, [0.95, 0.9, 0.6])
+
+
+def test_bad_inputs_are_refused(trained_model):
+    from napari_hrseg.errors import ModelError
+
+    with pytest.raises(ModelError, match="one image"):
+        trained_model.predict_instances(torch.zeros(2, 3, 32, 32))
+    with pytest.raises(ModelError, match="unknown inference parameters"):
+        trained_model.predict_instances(torch.zeros(3, 32, 32), score_treshold=0.5)
+    with pytest.raises(ModelError, match="semantic_stride"):
+        create_model("refinemask", semantic_stride=8)

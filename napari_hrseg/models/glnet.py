@@ -282,8 +282,8 @@ class GLNet(HrsegModel):
         "norm": "bn",
         "fpn_width": 32,
         "head_width": 16,
-        "size_g": 288,
-        "size_p": 288,
+        "size_g": 256,
+        "size_p": 256,
         "min_overlap": 50,
         "patch_batch": 16,
         "gamma": 3.0,
@@ -523,9 +523,10 @@ class GLNet(HrsegModel):
             ``(P, C, hp, wp)`` normalised patches read from the fine level.
         boxes : torch.Tensor
             ``(P, 4)`` ``(row0, col0, row1, col1)`` of each patch in its global image's pixels (half-open,
-            fractions allowed): a patch read at fine-level origin ``(y, x)`` with size ``(hp, wp)`` from a slide
-            whose global view starts at ``(Y, X)`` of the coarse level with downsample ``d`` (coarse px per fine
-            px) has box ``((y / d - Y), (x / d - X), (y + hp) / d - Y, (x + wp) / d - X)``.
+            fractions allowed).  A patch read at fine-level origin ``(y, x)`` with size ``(hp, wp)``, for a
+            global view read from origin ``(Y, X)`` of a coarser level that is ``(dy, dx)`` times coarser (fine
+            pixels per coarse pixel, per axis), has box ``(y / dy - Y, x / dx - X, (y + hp) / dy - Y,
+            (x + wp) / dx - X)``.  All patches of a call must have the same size.
         patch_index : torch.Tensor, optional
             ``(P,)`` which global image each patch belongs to (default: all the first).
 

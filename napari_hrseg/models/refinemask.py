@@ -6,10 +6,9 @@ a CPU annotation tool, so the RoIs come from a CenterNet-style centre heatmap wi
 (`proposals`); the model then runs on its own, or on user boxes (``predict_instances(image, boxes=...)``).
 
 Pipeline: ResNet-style encoder -> FPN (P2..P5) -> on P2 (+ upsampled P3..P5): semantic head (4 convs -> 1
-channel) and centre head
--> proposals -> RoIAlign 14 x 14 from the FPN level each RoI's size selects -> RefineMask head (two convs,
-three SFM stages 14 -> 28 -> 56 -> 112) -> inference blend on logits from 28 (d = 1) -> sigmoid -> pasted with
-``grid_sample`` -> threshold 0.5 -> overlaps resolved, higher score wins.
+channel) and centre head -> proposals -> RoIAlign 14 x 14 from the FPN level each RoI's size selects ->
+RefineMask head (two convs, three SFM stages 14 -> 28 -> 56 -> 112) -> inference blend on logits from 28
+(d = 1) -> sigmoid -> pasted with ``grid_sample`` -> threshold 0.5 -> overlaps resolved, higher score wins.
 
 Training (``loss``): instances come from ``Batch.instances`` (or, when absent, the connected components of each
 foreground class in ``Batch.labels``); boxes, centres, classes and per-RoI mask targets are derived here.
@@ -23,13 +22,19 @@ Choices for small dense objects (H&E nuclei of 8-40 px at ~0.5 µm/px, judged by
   inference alike: a proposal box a few pixels off would otherwise clip the mask, and RefineMask's boundary
   map treats the RoI edge as background, which would mark a tight box's whole rim as boundary.
 - Every nucleus-sized RoI reads P2 (stride 4): the mmdet level rule sends boxes under 112 px there.
+- ``semantic_stride = 2`` (the paper: 4): the semantic head's P2 features are upsampled x2 and fused with the
+  encoder's stride-2 stem before the semantic logit.  The semantic features and mask are the only
+  sub-RoI-resolution input of RefineMask's stages; at stride 4 a 10 px nucleus spans 2.5 cells, at stride 2
+  five.  Costs one 3x3 conv at stride 2 (about +10 % of the dense forward).
 - Proposals: see `proposals` (stride-4 heatmap with sub-cell offsets, 3 x 3 peak NMS, box NMS at IoU 0.5,
   up to 1000 detections).
 - Overlaps: each pixel goes to the highest-scoring mask covering it; an instance then keeps only its largest
   4-connected piece and instances under ``min_area`` px are dropped, because AJI and PQ punish fragments and
   slivers as false positives.
-- Widths are scaled down for a 2-core CPU (stage channels 32 -> 16 -> 8 -> 4 instead of 256 -> ... -> 32);
-  the 112 x 112 output is kept (a 40 px nucleus is still oversampled, so the cost is in width, not size).
+- Widths are scaled down for a 2-core CPU (stage channels 32 -> 16 -> 8 -> 4 instead of 256 -> ... -> 32,
+  ``mask_width``); the 112 x 112 output is kept (it oversamples a 40 px nucleus, so the saving is in width).
+  The per-RoI maps run in channels-last layout, where oneDNN's thin convolutions are several times faster.
+- Logit layers start near zero (std 0.01) instead of the official kaiming init (see `refinemask_heads`).
 """
 
 from __future__ import annotations
@@ -98,7 +103,8 @@ class RefineMask(HrsegModel):
     """RefineMask instance segmenter with centre-heatmap proposals; see the module docstring.
 
     ``forward(image)`` returns the dense outputs (``"logits"`` ``(N, num_classes, H, W)``: background 0 and the
-    class-agnostic foreground logit in every object channel; ``"semantic_logits"`` ``(N, 1, h, w)``;
+    class-agnostic foreground logit in every object channel; ``"semantic_logits"`` ``(N, 1, h_s, w_s)`` at
+    ``semantic_stride``;
     ``"heatmap"`` ``(N, num_classes - 1, h, w)``, ``"offset"``, ``"size"`` ``(N, 2, h, w)``; the pyramid
     ``"p2"``..``"p5"`` and ``"semantic_features"``), with ``h, w = ceil(H / 4), ceil(W / 4)``.  The mask head
     runs on RoIs in `loss` (ground-truth boxes) and in `predict_instances` (proposals or given boxes).
@@ -114,6 +120,7 @@ class RefineMask(HrsegModel):
         "norm": "bn",
         # heads
         "semantic_width": 32,
+        "semantic_stride": 2,
         "center_width": 32,
         "mask_width": 32,
         "stage_sizes": (14, 28, 56, 112),
@@ -149,10 +156,14 @@ class RefineMask(HrsegModel):
         self.num_objects = config.num_classes - 1
         self.encoder = ResNetEncoder(config.in_channels, p["widths"], p["depths"], p["stem_width"], p["norm"])
         self.neck = FPN(self.encoder.out_channels, p["fpn_width"], p["norm"])
-        self.semantic = SemanticHead(p["fpn_width"], p["semantic_width"])
+        if p["semantic_stride"] not in (2, 4):
+            raise ModelError(f"semantic_stride={p['semantic_stride']} must be 4 (the paper) or 2", subject=config.arch)
+        self.semantic_stride = int(p["semantic_stride"])
+        fine = p["stem_width"] if self.semantic_stride == 2 else None
+        self.semantic = SemanticHead(p["fpn_width"], p["semantic_width"], fine_channels=fine)
         self.center = CenterHead(p["fpn_width"], p["center_width"], self.num_objects, p["norm"])
         self.mask_head = RefineMaskHead(p["fpn_width"], p["semantic_width"], p["mask_width"], self.num_objects,
-                                        p["stage_sizes"], p["dilations"], semantic_stride=STRIDES[0])
+                                        p["stage_sizes"], p["dilations"], semantic_stride=self.semantic_stride)
 
     @property
     def halo(self) -> int:
@@ -162,12 +173,18 @@ class RefineMask(HrsegModel):
     # ------------------------------------------------------------------------------------------ dense part
     def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         # channels-last: oneDNN runs this trunk ~25 % faster on a 2-core CPU; outputs keep their shapes.
-        pyramid = self.neck(self.encoder(image.contiguous(memory_format=torch.channels_last)))
+        x = self.encoder.stem(image.contiguous(memory_format=torch.channels_last))
+        stem = x
+        feats = []
+        for stage in self.encoder.stages:
+            x = stage(x)
+            feats.append(x)
+        pyramid = self.neck(feats)
         # The dense heads read P2 plus the upsampled coarser levels: nuclei need the context of their
         # neighbourhood (crowding, gland lumen, stroma), and every FPN level is then trained even when all
         # RoIs are nucleus-sized and read P2 only.
         dense = pyramid[0] + sum(resize(p, pyramid[0].shape[-2:]) for p in pyramid[1:])
-        sem_feat, sem_logits = self.semantic(dense)
+        sem_feat, sem_logits = self.semantic(dense, stem if self.semantic_stride == 2 else None)
         out = self.center(dense)
         fg = resize(sem_logits, image.shape[-2:]).contiguous()
         out["logits"] = torch.cat([torch.zeros_like(fg), fg.expand(-1, self.num_objects, -1, -1)], dim=1)
@@ -214,16 +231,21 @@ class RefineMask(HrsegModel):
         gt = ground_truth_from_instances(instances, labels, self.num_objects, batch.weight)
         grid = outputs["heatmap"].shape[-2:]
 
-        # where the image is labelled, on the stride-4 grid (a cell counts if any of its pixels is labelled)
+        # where the image is labelled, per output grid (a cell counts if any of its pixels is labelled)
         labelled = (labels != IGNORE_INDEX).float()[:, None]
         if batch.weight is not None:
             labelled = labelled * batch.weight[:, None]
-        cell_weight = F.adaptive_max_pool2d(labelled, grid) if tuple(grid) != (height, width) else labelled
 
-        # semantic head: union of instances, resized to P2 and thresholded at 0.5 (as refine_roi_head)
-        sem_target = (resize((instances > 0).float()[:, None], grid) >= 0.5).float()
+        def cells(size) -> torch.Tensor:
+            return F.adaptive_max_pool2d(labelled, size) if tuple(size) != (height, width) else labelled
+
+        cell_weight = cells(grid)
+        # semantic head: union of instances, resized to its grid and thresholded at 0.5 (as refine_roi_head)
+        sem_grid = outputs["semantic_logits"].shape[-2:]
+        sem_weight = cells(sem_grid)
+        sem_target = (resize((instances > 0).float()[:, None], sem_grid) >= 0.5).float()
         sem_bce = F.binary_cross_entropy_with_logits(outputs["semantic_logits"], sem_target, reduction="none")
-        sem_loss = (sem_bce * cell_weight).sum() / cell_weight.sum().clamp(min=1.0)
+        sem_loss = (sem_bce * sem_weight).sum() / sem_weight.sum().clamp(min=1.0)
 
         targets = center_targets(gt["boxes"], gt["classes"], self.num_objects, tuple(grid), STRIDES[0])
         centre = center_losses({k: outputs[k] for k in ("heatmap", "offset", "size")}, targets, valid=cell_weight)

@@ -67,18 +67,29 @@ def _init_logits(conv: nn.Conv2d) -> None:
 class SemanticHead(nn.Module):
     """``num_convs`` 3x3 conv+ReLU on P2, then a 1x1 to the binary 'any instance' logit.
 
-    ``forward`` returns ``(features (N, width, h, w), logits (N, 1, h, w))``.
+    With ``fine_channels`` the head ends at stride 2 instead of 4: its P2 features are upsampled x2, added to a
+    1x1 projection of the encoder's stride-2 stem features and passed through one more 3x3 conv+ReLU before
+    the logit (see `RefineMask`, ``semantic_stride``).
+
+    ``forward(p2, fine=None)`` returns ``(features (N, width, h, w), logits (N, 1, h, w))``.
     """
 
-    def __init__(self, in_channels: int, width: int, num_convs: int = 4):
+    def __init__(self, in_channels: int, width: int, num_convs: int = 4, fine_channels: int | None = None):
         super().__init__()
         self.convs = nn.Sequential(*[_conv_relu(in_channels if i == 0 else width, width) for i in range(num_convs)])
+        self.fine_lateral = nn.Conv2d(fine_channels, width, 1) if fine_channels else None
+        self.fine_conv = _conv_relu(width, width) if fine_channels else None
         self.logits = nn.Conv2d(width, 1, 1)
         _init_kaiming(self)
         _init_logits(self.logits)
 
-    def forward(self, p2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, p2: torch.Tensor, fine: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         feat = self.convs(p2)
+        if self.fine_lateral is not None:
+            if fine is None:
+                raise ValueError("this semantic head ends at stride 2 and needs the stride-2 features")
+            up = F.interpolate(feat, size=fine.shape[-2:], mode="bilinear", align_corners=False)
+            feat = self.fine_conv(up + self.fine_lateral(fine))
         return feat, self.logits(feat)
 
 
