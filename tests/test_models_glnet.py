@@ -44,7 +44,8 @@ def _ramp(height: int, width: int, stride: float) -> torch.Tensor:
 @pytest.mark.parametrize("g_stride, l_stride", [(4, 4), (8, 8), (16, 16), (4, 1)])
 def test_g2l_crop_lands_on_the_box(g_stride, l_stride):
     # Global image 400 x 300 px; a global map whose value is each cell centre's global pixel position.
-    gmap = torch.cat([_ramp(400 // g_stride, 300 // g_stride, g_stride), 2 * _ramp(400 // g_stride, 300 // g_stride, g_stride)])
+    ramp = _ramp(400 // g_stride, 300 // g_stride, g_stride)
+    gmap = torch.cat([ramp, 2 * ramp])
     boxes = torch.tensor([[100.0, 50.0, 228.0, 178.0], [173.5, 90.25, 301.5, 218.25], [60.0, 60.0, 124.0, 124.0]])
     index = torch.tensor([0, 1, 0])
     patch = (256, 256)  # each patch is 256 fine px; boxes span 128 or 64 global px
@@ -228,7 +229,8 @@ def test_bad_mode_and_mismatched_boxes_are_refused(model):
 
 def test_joint_training_steps_learn_blobs():
     torch.manual_seed(0)
-    net = create_model("glnet", size_g=64, size_p=64, min_overlap=16, widths=(8, 16, 16, 32), fpn_width=16, head_width=8)
+    net = create_model("glnet", size_g=64, size_p=64, min_overlap=16, widths=(8, 16, 16, 32), fpn_width=16,
+                       head_width=8)
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(2, 3, 96, 96, generator=gen)
     labels = (F.avg_pool2d(x[:, :1], 9, 1, 4)[:, 0] > 0).long()  # smooth blobs

@@ -77,7 +77,8 @@ def test_boundary_map_matches_window_rule(d):
     if d == 1:
         m = masks[3]
         p = np.pad(m, 1)
-        neigh = [p[1 + dy : 1 + dy + m.shape[0], 1 + dx : 1 + dx + m.shape[1]] for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+        h, w = m.shape
+        neigh = [p[1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w] for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
         np.testing.assert_array_equal(got[3], np.any([n != m for n in neigh], axis=0))
 
 
@@ -90,7 +91,8 @@ def test_refine_blend_equals_formula():
     gen = torch.Generator().manual_seed(0)
     sizes = (14, 28, 56, 112)
     # smooth random logits so masks have real contours
-    stages = [_up(torch.randn(3, 1, 4, 4, generator=gen) * 4, (s, s)) + 0.3 * torch.randn(3, 1, s, s, generator=gen) for s in sizes]
+    stages = [_up(torch.randn(3, 1, 4, 4, generator=gen) * 4, (s, s)) + 0.3 * torch.randn(3, 1, s, s, generator=gen)
+              for s in sizes]
     got = refine_blend(stages, start=1, d=1)
     prev = stages[1]
     for cur in stages[2:]:

@@ -8,7 +8,6 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from napari_hrseg.models.roi_ops import (
     batched_nms,
@@ -83,7 +82,8 @@ def _random_rois(gen: np.random.Generator, n_img: int, k: int, extent: float) ->
     rows = []
     for _ in range(k):
         x1, y1 = gen.uniform(-0.3 * extent, extent, size=2)
-        w, h = gen.choice([gen.uniform(0, 2), gen.uniform(1, extent), gen.uniform(0, 0.5 * extent)]), gen.uniform(0, extent)
+        w = gen.choice([gen.uniform(0, 2), gen.uniform(1, extent), gen.uniform(0, 0.5 * extent)])
+        h = gen.uniform(0, extent)
         rows.append([gen.integers(n_img), x1, y1, x1 + w, y1 + h])
     return torch.tensor(rows, dtype=torch.float32)
 

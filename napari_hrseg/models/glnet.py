@@ -37,10 +37,10 @@ shrink, then samples them at the global cells whose centres fall inside the box.
 - ``0`` (default): everything jointly, the paper's formulation (main loss on the aggregation plus auxiliary
   losses): ``FL(agg) + FL(local) + FL(global_l2g) + FL(global) + 0.15 * MSE``.
 
-Setting ``train_mode`` (alias ``train_phase``) switches ``requires_grad`` so that only the mode's parts train.  Whichever mode ran
-``loss`` last in training sets the persistent buffer ``inference_stage`` (saved with the weights), so an eval
-forward runs the pipeline those weights were fitted for: 1 = global only, 2 = G->L + aggregation,
-3 = the full bidirectional pipeline (also for mode 0 and for an untrained model).
+Setting ``train_mode`` (alias ``train_phase``) switches ``requires_grad`` so that only the mode's parts train.
+Whichever mode ran ``loss`` last in training sets the persistent buffer ``inference_stage`` (saved with the
+weights), so an eval forward runs the pipeline those weights were fitted for: 1 = global only, 2 = G->L +
+aggregation, 3 = the full bidirectional pipeline (also for mode 0 and for an untrained model).
 """
 
 from __future__ import annotations
@@ -451,7 +451,8 @@ class GLNet(HrsegModel):
         patches = torch.stack([image[b, :, r:r + ph, c:c + pw] for b, r, c in origins.tolist()])
         sy, sx = hg / height, wg / width
         o = origins.to(image.dtype)
-        boxes = torch.stack([o[:, 1] * sy, o[:, 2] * sx, (o[:, 1] + ph) * sy, (o[:, 2] + pw) * sx], dim=1).to(image.device)
+        boxes = torch.stack([o[:, 1] * sy, o[:, 2] * sx, (o[:, 1] + ph) * sy, (o[:, 2] + pw) * sx], dim=1)
+        boxes = boxes.to(image.device)
         return glob, patches, boxes, origins[:, 0].to(image.device), origins
 
     def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:

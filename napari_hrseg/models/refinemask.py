@@ -201,7 +201,8 @@ class RefineMask(HrsegModel):
         """Grow detection boxes ``(K, 4)`` xyxy into mask RoIs (see the module docstring)."""
         return scale_boxes(boxes, float(self.params["roi_scale"]), float(self.params["roi_margin"]))
 
-    def mask_logits(self, outputs: dict[str, torch.Tensor], rois: torch.Tensor, roi_classes: torch.Tensor) -> list[torch.Tensor]:
+    def mask_logits(self, outputs: dict[str, torch.Tensor], rois: torch.Tensor,
+                    roi_classes: torch.Tensor) -> list[torch.Tensor]:
         """Run the RefineMask head on RoIs.
 
         Parameters
@@ -261,7 +262,8 @@ class RefineMask(HrsegModel):
             mask_loss = sum(q.sum() for q in self.mask_head.parameters()) * 0.0
             stage_losses = [mask_loss.detach()] * len(self.mask_head.stage_sizes)
         total = p["semantic_loss_weight"] * sem_loss + p["center_loss_weight"] * centre["center"] + mask_loss
-        result = {"loss": total, "semantic": sem_loss.detach(), "mask": mask_loss.detach(), "rois": torch.tensor(float(rois.shape[0]))}
+        result = {"loss": total, "semantic": sem_loss.detach(), "mask": mask_loss.detach(),
+                  "rois": torch.tensor(float(rois.shape[0]))}
         result.update({k: v for k, v in centre.items() if k != "center"})
         for s, l in zip(self.mask_head.stage_sizes, stage_losses):
             result[f"mask_{s}"] = l.detach()
@@ -276,7 +278,9 @@ class RefineMask(HrsegModel):
             if m == 0:
                 continue
             if m > p["max_train_rois"]:
-                pick = torch.randperm(m, device=bx.device)[: p["max_train_rois"]] if self.training else torch.arange(p["max_train_rois"], device=bx.device)
+                keep = int(p["max_train_rois"])
+                pick = (torch.randperm(m, device=bx.device)[:keep] if self.training
+                        else torch.arange(keep, device=bx.device))
                 bx, idv, cl, w = bx[pick], idv[pick], cl[pick], w[pick]
             if self.training and p["roi_jitter"] > 0:
                 j = float(p["roi_jitter"])
@@ -339,8 +343,10 @@ class RefineMask(HrsegModel):
                 scores = torch.ones(det_boxes.shape[0], device=self.device)
                 classes = self._classes_at_centres(out, det_boxes)
             probs = self._mask_probabilities(out, det_boxes, classes)
-            return self._compose(probs, self._roi_boxes(det_boxes), scores, classes, (height, width),
-                                 float(p["mask_threshold"]), int(p["min_area"]))
+            result = self._compose(probs, self._roi_boxes(det_boxes), scores, classes, (height, width),
+                                   float(p["mask_threshold"]), int(p["min_area"]))
+            log.debug("refinemask: %d boxes -> %d instances on %dx%d", det_boxes.shape[0], len(result), height, width)
+            return result
         finally:
             self.train(was_training)
 
@@ -477,7 +483,8 @@ def ground_truth_from_instances(instances: torch.Tensor, labels: torch.Tensor, n
         classes = votes[:, 1:].argmax(1) if num_objects > 0 else torch.zeros(m, dtype=torch.long)
         if weight is not None:
             wsum = torch.zeros(m, device=inst.device).index_add_(0, compact, weight[b][fg].float())
-            cnt = torch.zeros(m, device=inst.device).index_add_(0, compact, torch.ones_like(compact, dtype=torch.float32))
+            ones = torch.ones_like(compact, dtype=torch.float32)
+            cnt = torch.zeros(m, device=inst.device).index_add_(0, compact, ones)
             wts = wsum / cnt.clamp(min=1)
         else:
             wts = torch.ones(m, device=inst.device)

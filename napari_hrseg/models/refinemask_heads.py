@@ -285,7 +285,8 @@ def refine_mask_loss(
     ``R_k = up(B(P'_{k-1}, 2) | B(G_{k-1}, 2)) >= 0.5`` and divided by ``|R_k|``, where ``P'_{k-1}`` is the
     previous combined prediction and ``G_{k-1}`` the previous stage's target.  As in the official code, the
     combined prediction at stage k is ``up(M_{k-1})`` with the pixels of ``up(B(P'_{k-1}, 1)) >= 0.5`` taken
-    from ``M_k`` (built from the raw previous-stage logits, where inference chains the blended ones).  Weighted sum over stages with ``stage_weights``.
+    from ``M_k`` (built from the raw previous-stage logits, where inference chains the blended ones).
+    Weighted sum over stages with ``stage_weights``.
 
     Parameters
     ----------
@@ -318,7 +319,8 @@ def refine_mask_loss(
         region = F.interpolate(region.float()[:, None], size=size, mode="bilinear", align_corners=True)[:, 0] >= 0.5
         losses.append((bce * region).sum() / region.sum().clamp(min=1))
         # the previous combined prediction at this size, as at inference (d = 1)
-        b = F.interpolate(boundary_map(pre_pred, 1).float()[:, None], size=size, mode="bilinear", align_corners=True) >= 0.5
+        b = boundary_map(pre_pred, 1).float()[:, None]
+        b = F.interpolate(b, size=size, mode="bilinear", align_corners=True) >= 0.5
         prev_up = F.interpolate(stage_logits[idx - 1].detach(), size=size, mode="bilinear", align_corners=True)
         pre_pred = torch.where(b, logits.detach(), prev_up)[:, 0].sigmoid() >= 0.5
     total = sum(sw * l for sw, l in zip(stage_weights, losses))
@@ -326,7 +328,8 @@ def refine_mask_loss(
 
 
 # ------------------------------------------------------------------------------------------ targets and pasting
-def instance_mask_targets(instances: torch.Tensor, rois: torch.Tensor, instance_ids: torch.Tensor, size: int) -> torch.Tensor:
+def instance_mask_targets(instances: torch.Tensor, rois: torch.Tensor, instance_ids: torch.Tensor,
+                          size: int) -> torch.Tensor:
     """Crop-and-resize each RoI's ground-truth mask to ``size x size`` and threshold at 0.5.
 
     Equivalent to ``grid_sample(mask_k, grid, bilinear, align_corners=False, padding zeros) >= 0.5`` with the
