@@ -76,6 +76,7 @@ def test_segment_correct_review_improve_export_and_reopen(make_napari_viewer, qt
     agree = float(np.mean(labels == tissue_mask(image)))
     assert agree > 0.85, agree
     # map layers, named with their pixel size, over the same pixels as the slide (level-0 units)
+    qtbot.waitUntil(lambda: not session.results.busy, timeout=10000)  # new layers are set up one per turn
     maps = {layer.name: layer for layer in viewer.layers if layer.name.startswith("hrseg: ")}
     conf = maps["hrseg: confidence (final, 2 µm/px)"]
     unc = maps["hrseg: uncertainty (final, 2 µm/px)"]
@@ -109,6 +110,7 @@ def test_segment_correct_review_improve_export_and_reopen(make_napari_viewer, qt
     qtbot.waitUntil(lambda: session.controller.stats()["reviews"] == 1, timeout=10000)
     reviewed = store.reviews()[0]
     assert reviewed.model_version == "tissue-test@1" and reviewed.region == session.view()
+    qtbot.waitUntil(lambda: not session.results.busy, timeout=10000)
     overlay = session.results.reviews
     assert overlay is not None and len(overlay.data) == 1 and "1 regions" in review.counts.text()
 
@@ -122,6 +124,7 @@ def test_segment_correct_review_improve_export_and_reopen(make_napari_viewer, qt
     assert [improve.version_combo.itemData(i) for i in range(improve.version_combo.count())] == [
         "tissue-test@1", "tissue-test@2"]
     job = wait_job(qtbot, session, "segment")
+    qtbot.waitUntil(lambda: not session.results.busy, timeout=10000)
     assert job.result.model_version == "tissue-test@2"
     assert not store.read(painted).any()  # the new prediction did not overwrite the correction
     assert len(viewer.layers) == n_layers + 1  # maps updated in place; only the review overlay was added
@@ -180,5 +183,6 @@ def test_segment_correct_review_improve_export_and_reopen(make_napari_viewer, qt
     shown = np.asarray(editor2.data)
     win = session2.store_layers.window
     assert not shown[painted.relative_to(win).slices].any()  # the correction, in the reopened viewer's layer
+    qtbot.waitUntil(lambda: session2.results.reviews is not None, timeout=10000)
     assert len(session2.results.reviews.data) == 1
     assert session2.controller.stats()["corrections"] == 1

@@ -56,9 +56,11 @@ class Tick:
 
 @dataclass(frozen=True, eq=False)
 class StoreReady(Tick):
-    """The label store is open (the GUI attaches its layers)."""
+    """The label store is open; the GUI shows it, then sets ``shown`` (the job waits for that, a few seconds at
+    most, so that napari sets up the new layers while this worker is not competing for the CPU)."""
 
     store: Any = None
+    shown: threading.Event = field(default_factory=threading.Event)
 
 
 @dataclass(frozen=True, eq=False)
@@ -137,6 +139,10 @@ def _float_maps(prediction: "Prediction") -> list[MapImage]:
 
 
 # ---------------------------------------------------------------------- segment the view
+#: Seconds a segmentation waits for the GUI to show a newly opened label store before it computes anyway.
+STORE_SHOWN_TIMEOUT = 5.0
+
+
 def segment_job(slide: "Slide", region: Region, entry: "ModelEntry", options: "InferenceOptions", request_id: int,
                 open_store: Callable[[], "LabelStore"] | None, cancel: "CancelToken"
                 ) -> Generator[Tick, None, "Prediction"]:
@@ -174,7 +180,9 @@ def segment_job(slide: "Slide", region: Region, entry: "ModelEntry", options: "I
     if open_store is not None:
         yield Tick(0, 0, "opening the label store")
         store = open_store()
-        yield StoreReady(0, 0, f"labels: {store.path}", store=store)
+        ready = StoreReady(0, 0, f"labels: {store.path}", store=store)
+        yield ready
+        ready.shown.wait(STORE_SHOWN_TIMEOUT)
     cancel.raise_if_cancelled("segmentation")
     request = InferenceRequest(slide, region, model, options, request_id=request_id)
     shown: set[int] = set()

@@ -12,7 +12,7 @@ Only assignments happen here (the arrays were computed in a worker); this module
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
@@ -35,9 +35,24 @@ _MAP_STYLE = {
 }
 _DEFAULT_STYLE = ("inferno", 0.6, False)
 
+#: Pause between creating two layers: long enough for the event loop to paint and handle input in between (a
+#: zero timer would run the next creation in the same batch of events, adding the stalls up again).
+NEXT_LAYER_MS = 30
+
 # Top-to-bottom order of the app's layers (the slide stays below them all).
 _ORDER = ("review", "points", "instances", "compare-diff", "compare-b", "compare-a", "labels", "labels-overview",
           "attention", "uncertainty", "confidence")
+
+
+def _update_image(layer: Any, m: MapImage) -> None:
+    """Put a new map into an existing image layer (data, transform and name)."""
+    layer.data = m.data
+    if tuple(layer.scale) != tuple(m.scale):
+        layer.scale = m.scale
+    if tuple(layer.translate) != tuple(m.translate):
+        layer.translate = m.translate
+    if layer.name != m.title:
+        layer.name = m.title
 
 
 def layer_kind(layer: Any) -> str | None:
@@ -60,6 +75,9 @@ class ResultLayers:
         self.instances = None
         self.reviews = None
         self.compare: dict[str, Any] = {}
+        self._pending: dict[tuple, Callable[[], None]] = {}
+        self._draining = False
+        self.closed = False
 
     # ------------------------------------------------------------------ helpers
     def _alive(self, layer: Any) -> bool:
@@ -85,38 +103,70 @@ class ResultLayers:
             selection.active = active
         return layer
 
+    # ------------------------------------------------------------------ creating layers one at a time
+    def _later(self, key: tuple, create: Callable[[], None]) -> None:
+        """Create a layer on a coming turn of the event loop, one layer per turn.
+
+        napari takes a few hundred milliseconds of GUI time to set up each new layer (its vispy visuals); creating
+        several in one callback would freeze the window for the sum.  A newer request for the same ``key``
+        replaces a pending one.
+        """
+        self._pending[key] = create
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if self._pending and not self._draining:
+            from qtpy.QtCore import QTimer
+
+            self._draining = True
+            QTimer.singleShot(NEXT_LAYER_MS, self._create_next)
+
+    def _create_next(self) -> None:
+        self._draining = False
+        if not self._pending or self.closed:
+            return
+        key = next(iter(self._pending))
+        create = self._pending.pop(key)
+        create()
+        self.arrange()
+        self._schedule()
+
+    @property
+    def busy(self) -> bool:
+        """True while layers are still waiting to be created (tests wait for this)."""
+        return bool(self._pending)
+
     # ------------------------------------------------------------------ maps
     def show_maps(self, maps: list[MapImage], *, final: bool) -> None:
-        """Show each map in its layer (created on first use, then updated in place).
+        """Show each map in its layer: existing layers are updated in place, new ones are created (one per turn).
 
         With ``final``, layers of maps the latest prediction did not produce (another method's stages) are removed.
         """
         wanted = set()
-        created = False
         for m in maps:
             key = (m.kind, m.key)
             wanted.add(key)
             layer = self._maps.get(key)
             if self._alive(layer):
-                layer.data = m.data
-                layer.scale = m.scale
-                layer.translate = m.translate
-                layer.name = m.title
-                continue
-            cmap, opacity, visible = _MAP_STYLE.get(m.kind, _DEFAULT_STYLE)
-            self._maps[key] = self._add("add_image",
-                m.data, name=m.title, scale=m.scale, translate=m.translate, colormap=cmap, opacity=opacity,
-                visible=visible, contrast_limits=(0.0, 1.0), blending="translucent",
-                metadata={"hrseg_kind": m.kind if m.kind in _ORDER else "confidence", "hrseg_map": m.kind,
-                          "hrseg_scale": m.key})
-            created = True
+                self._pending.pop(("map",) + key, None)
+                _update_image(layer, m)
+            else:
+                self._later(("map",) + key, lambda m=m: self._create_map(m))
         if final:
             for key in [k for k in self._maps if k not in wanted]:
                 layer = self._maps.pop(key)
                 if self._alive(layer):
                     self.viewer.layers.remove(layer)
-        if created:
-            self.arrange()
+            for key in [k for k in self._pending if k[0] == "map" and k[1:] not in wanted]:
+                del self._pending[key]
+
+    def _create_map(self, m: MapImage) -> None:
+        cmap, opacity, visible = _MAP_STYLE.get(m.kind, _DEFAULT_STYLE)
+        self._maps[(m.kind, m.key)] = self._add(
+            "add_image", m.data, name=m.title, scale=m.scale, translate=m.translate, colormap=cmap, opacity=opacity,
+            visible=visible, contrast_limits=(0.0, 1.0), blending="translucent",
+            metadata={"hrseg_kind": m.kind if m.kind in _ORDER else "confidence", "hrseg_map": m.kind,
+                      "hrseg_scale": m.key})
 
     def map_layers(self) -> dict[tuple[str, str], Any]:
         """``{(kind, scale key): layer}`` of the maps currently shown."""
@@ -126,17 +176,17 @@ class ResultLayers:
     def show_points(self, points: np.ndarray, size: float) -> None:
         """MagNet's refined points (level-0 ``(row, col)``); the layer exists only once there are points."""
         points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
-        if not len(points) and not self._alive(self.points):
-            return
         if self._alive(self.points):
             self.points.data = points
             self.points.size = size
-            return
-        self.points = self._add("add_points",
-            points, name=f"{PREFIX}refined points (MagNet)", size=size, face_color="#ff2d55", border_width=0,
-            opacity=0.9, metadata={"hrseg_kind": "points"})
+        elif len(points):
+            self._later(("points",), lambda: self._create_points(points, size))
+
+    def _create_points(self, points: np.ndarray, size: float) -> None:
+        self.points = self._add(
+            "add_points", points, name=f"{PREFIX}refined points (MagNet)", size=size, face_color="#ff2d55",
+            border_width=0, opacity=0.9, metadata={"hrseg_kind": "points"})
         self.points.editable = False
-        self.arrange()
 
     def show_instances(self, ids: np.ndarray, transform: dict) -> None:
         """Instance ids as outlines (a labels layer drawn as contours)."""
@@ -144,23 +194,30 @@ class ResultLayers:
             self.instances.data = ids
             self.instances.scale = transform["scale"]
             self.instances.translate = transform["translate"]
-            return
-        self.instances = self._add("add_labels",
-            ids, name=f"{PREFIX}instance outlines", scale=transform["scale"], translate=transform["translate"],
-            opacity=0.9, metadata={"hrseg_kind": "instances"})
+        else:
+            self._later(("instances",), lambda: self._create_instances(ids, transform))
+
+    def _create_instances(self, ids: np.ndarray, transform: dict) -> None:
+        self.instances = self._add(
+            "add_labels", ids, name=f"{PREFIX}instance outlines", scale=transform["scale"],
+            translate=transform["translate"], opacity=0.9, metadata={"hrseg_kind": "instances"})
         self.instances.contour = 1
         self.instances.editable = False
-        self.arrange()
 
     # ------------------------------------------------------------------ reviews
     def show_reviews(self, rectangles: list[np.ndarray], edge_width: float) -> None:
         """Reviewed regions as green rectangles (a Shapes layer the user cannot edit by accident)."""
-        if not self._alive(self.reviews):
-            if not rectangles:
-                return
-            self.reviews = self._add("add_shapes",
-                name=f"{PREFIX}reviewed regions", metadata={"hrseg_kind": "review"}, opacity=0.8)
-            self.arrange()
+        if self._alive(self.reviews):
+            self._fill_reviews(rectangles, edge_width)
+        elif rectangles:
+            self._later(("review",), lambda: self._create_reviews(rectangles, edge_width))
+
+    def _create_reviews(self, rectangles: list[np.ndarray], edge_width: float) -> None:
+        self.reviews = self._add("add_shapes", name=f"{PREFIX}reviewed regions", metadata={"hrseg_kind": "review"},
+                                 opacity=0.8)
+        self._fill_reviews(rectangles, edge_width)
+
+    def _fill_reviews(self, rectangles: list[np.ndarray], edge_width: float) -> None:
         layer = self.reviews
         if len(layer.data):
             layer.selected_data = set(range(len(layer.data)))
@@ -171,15 +228,17 @@ class ResultLayers:
 
     # ------------------------------------------------------------------ comparison
     def show_comparison(self, result: Any, colormap: Any) -> None:
-        """Two versions' labels and their disagreement over the compared view (updated in place)."""
+        """Two versions' labels and their disagreement over the compared view (updated in place).
+
+        "compare B" starts hidden: toggle A and B (or the panel's "Swap A/B") to flick between the versions.
+        """
         specs = (
-            ("compare-a", f"{PREFIX}compare A ({result.label_a})", result.labels_a, colormap, 0.6),
-            ("compare-b", f"{PREFIX}compare B ({result.label_b})", result.labels_b, colormap, 0.6),
+            ("compare-a", f"{PREFIX}compare A ({result.label_a})", result.labels_a, colormap, 0.6, True),
+            ("compare-b", f"{PREFIX}compare B ({result.label_b})", result.labels_b, colormap, 0.6, False),
             ("compare-diff", f"{PREFIX}compare A≠B ({100 * (1 - result.agreement):.1f}% of the view)",
-             result.difference, None, 0.8),
+             result.difference, None, 0.8, True),
         )
-        created = False
-        for kind, name, data, cmap, opacity in specs:
+        for kind, name, data, cmap, opacity, visible in specs:
             layer = self.compare.get(kind)
             if self._alive(layer):
                 layer.data = data
@@ -188,16 +247,17 @@ class ResultLayers:
                 layer.name = name
                 continue
             kwargs = {"colormap": cmap} if cmap is not None else {}
-            layer = self._add("add_labels", data, name=name, opacity=opacity, scale=result.transform["scale"],
-                                           translate=result.transform["translate"],
-                                           metadata={"hrseg_kind": kind}, **kwargs)
-            layer.editable = False
-            self.compare[kind] = layer
-            created = True
-        # B starts hidden: toggle A and B (or press the panel's "swap") to flick between versions
-        self.compare["compare-b"].visible = False
-        if created:
-            self.arrange()
+            self._later((kind,), lambda kind=kind, name=name, data=data, opacity=opacity, visible=visible,
+                        kwargs=kwargs: self._create_compare(kind, name, data, opacity, visible, result.transform,
+                                                            kwargs))
+
+    def _create_compare(self, kind: str, name: str, data: np.ndarray, opacity: float, visible: bool,
+                        transform: dict, kwargs: dict) -> None:
+        layer = self._add("add_labels", data, name=name, opacity=opacity, scale=transform["scale"],
+                          translate=transform["translate"], visible=visible, metadata={"hrseg_kind": kind},
+                          **kwargs)
+        layer.editable = False
+        self.compare[kind] = layer
 
     def swap_comparison(self) -> None:
         a, b = self.compare.get("compare-a"), self.compare.get("compare-b")
@@ -211,5 +271,6 @@ class ResultLayers:
             if self._alive(layer):
                 self.viewer.layers.remove(layer)
         self._maps.clear()
+        self._pending.clear()
         self.compare.clear()
         self.points = self.instances = self.reviews = None

@@ -15,6 +15,7 @@ Keyboard shortcuts (bound on the viewer, so they work whatever layer is selected
 from __future__ import annotations
 
 import logging
+import threading
 import weakref
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -25,20 +26,80 @@ from ..geometry import Region
 from ..viewport import ViewportWatcher, camera_of, region_to_camera, view_region
 from ._controller import AppController
 from ._convert import review_rectangles
-from ._layers import PREFIX, ResultLayers
+from ._layers import NEXT_LAYER_MS, PREFIX, ResultLayers
 from ._workers import Job, report_error, start_job
 
 if TYPE_CHECKING:  # pragma: no cover
     import napari
 
-__all__ = ["AppSession", "SHORTCUTS"]
+__all__ = ["AppSession", "SHORTCUTS", "warmed_up"]
 
 log = logging.getLogger(__name__)
 
 #: Viewer-wide keyboard shortcuts: action -> key (napari's key names).
 SHORTCUTS = {"segment": "Shift-S", "review": "Shift-R", "next": "Shift-N"}
 
+#: After adding the label layers, how long the first segmentation waits before computing, so that the canvas can
+#: draw them (first draws compile shaders) without a worker competing for the CPU.
+SHOWN_DELAY_MS = 300
+
 _SESSIONS: "weakref.WeakKeyDictionary[Any, AppSession]" = weakref.WeakKeyDictionary()
+
+# Modules the first segmentation, review or fine-tuning would otherwise import on the GUI thread (pandas alone,
+# for the first labels layer's features table, froze the window for over a second).  Imported once per process
+# in a background thread when the first session starts; importing defines classes, it creates no Qt objects.
+_WARM_MODULES = ("pandas", "napari.layers.labels.labels", "napari.layers.points.points", "napari.layers.shapes.shapes",
+                 "napari_hrseg.inference", "napari_hrseg.labels", "napari_hrseg.labels.napari_bridge",
+                 "napari_hrseg.training", "napari_hrseg.training.finetune", "napari_hrseg.export.geojson",
+                 "napari_hrseg.export.ome_zarr", "napari_hrseg.export.ome_tiff", "napari_hrseg.export.measure")
+# Qt-side modules napari imports when it first shows a labels, points or shapes layer: imported on the GUI thread,
+# but right after the panels appear rather than in the middle of a segmentation.
+_WARM_QT_MODULES = ("napari._qt.layer_controls.qt_labels_controls", "napari._qt.layer_controls.qt_points_controls",
+                    "napari._qt.layer_controls.qt_shapes_controls", "napari._vispy.layers.labels",
+                    "napari._vispy.layers.points", "napari._vispy.layers.shapes")
+_warmed = False
+_WARM_DONE = threading.Event()
+
+
+def warmed_up(timeout: float | None = None) -> bool:
+    """Wait until the background warm-up imports are done (True), or ``timeout`` seconds (False)."""
+    return _WARM_DONE.wait(timeout)
+
+
+def _warm_up() -> None:
+    """Import what the app will need, off the GUI thread for the plain modules (once per process)."""
+    global _warmed
+    if _warmed:
+        return
+    _warmed = True
+    import importlib
+
+    from qtpy.QtCore import QTimer
+
+    def background() -> None:
+        for name in _WARM_MODULES:
+            try:
+                importlib.import_module(name)
+            except Exception:  # an optional module missing only costs its import later
+                log.debug("warm-up import of %s failed", name, exc_info=True)
+        try:
+            from ..inference import list_pipelines
+
+            list_pipelines()  # imports the registered pipelines' modules
+        except Exception:
+            log.debug("warm-up of the pipelines failed", exc_info=True)
+        _WARM_DONE.set()
+
+    threading.Thread(target=background, name="hrseg-warm-up", daemon=True).start()
+
+    def qt_side() -> None:
+        for name in _WARM_QT_MODULES:
+            try:
+                importlib.import_module(name)
+            except Exception:
+                log.debug("warm-up import of %s failed", name, exc_info=True)
+
+    QTimer.singleShot(0, qt_side)
 
 
 class _CloseWatcher(QObject):
@@ -99,6 +160,7 @@ class AppSession(QObject):
         viewer.layers.events.inserted.connect(self._layers_changed)
         viewer.layers.events.removed.connect(self._layers_changed)
         self._bind_keys()
+        _warm_up()
         self._close_watcher: _CloseWatcher | None = None
         self._layers_changed()
 
@@ -193,26 +255,57 @@ class AppSession(QObject):
         return True
 
     # ------------------------------------------------------------------ label store layers
-    def _attach_store(self, store: Any) -> None:
+    def _attach_store(self, store: Any, shown: threading.Event | None = None) -> None:
+        """Show the store: the paintable window now, the whole-slide overview on the next turn of the event loop
+        (each new napari layer costs a few hundred milliseconds of GUI time; one at a time keeps stalls short)."""
         if self.store_layers is not None and self.store_layers.store is store:
+            if shown is not None:
+                shown.set()
             return
         self._detach_store_layers()
+        from qtpy.QtCore import QTimer
+
         from ..labels.napari_bridge import add_label_store_layers
 
         view = self.view()
         window = view if not view.is_empty else None
         self.store_layers = add_label_store_layers(
             self.viewer, store, window=window, author=self.controller.user, name=f"{PREFIX}labels ({store.name})",
-            max_window=2048)
+            max_window=2048, overview=False)
         self.store_layers.editor.metadata["hrseg_kind"] = "labels"
-        if self.store_layers.overview is not None:
-            self.store_layers.overview.metadata["hrseg_kind"] = "labels-overview"
         self.store_layers.editor.events.paint.connect(self._painted)
         self.store_layers.follow(True, delay_ms=300)
         self.results.arrange()
         self.viewer.layers.selection.active = self.store_layers.editor
-        self._show_reviews()
+        layers = self.store_layers
+        QTimer.singleShot(NEXT_LAYER_MS, lambda: self._add_overview(layers, shown))
         self.store_changed.emit()
+
+    def _add_overview(self, layers: Any, shown: threading.Event | None = None) -> None:
+        """The read-only multiscale overview of the whole store (as `add_label_store_layers` makes it)."""
+        from qtpy.QtCore import QTimer
+
+        try:
+            self._create_overview(layers)
+        finally:
+            if shown is not None:
+                # let the canvas draw the new layers first (napari compiles their shaders on the first draw)
+                QTimer.singleShot(SHOWN_DELAY_MS, shown.set)
+
+    def _create_overview(self, layers: Any) -> None:
+        if self.closed or layers is not self.store_layers or layers.overview is not None:
+            return
+        store, editor = layers.store, layers.editor
+        dy, dx = store.downsample
+        kwargs = {"colormap": editor.colormap} if store.kind == "semantic" else {}
+        overview = self.results._add(
+            "add_labels", store.pyramid(), name=f"{editor.name} (overview)", multiscale=True, scale=(dy, dx),
+            translate=((dy - 1) / 2, (dx - 1) / 2), opacity=0.5,
+            metadata={**editor.metadata, "hrseg_kind": "labels-overview"}, **kwargs)
+        overview.editable = False
+        layers.overview = overview  # the bridge refreshes it after every stroke and removes it on close
+        self.results.arrange()
+        self._show_reviews()
 
     def _detach_store_layers(self) -> None:
         layers, self.store_layers = self.store_layers, None
@@ -306,8 +399,11 @@ class AppSession(QObject):
     def _segment_event(self, event: Any) -> None:
         from ._jobs import StoreReady, ViewUpdate
 
-        if isinstance(event, StoreReady) and not self.closed:
-            self._attach_store(event.store)
+        if isinstance(event, StoreReady):
+            if not self.closed:
+                self._attach_store(event.store, shown=event.shown)
+            else:
+                event.shown.set()
             return
         if not isinstance(event, ViewUpdate) or self.closed:
             return
@@ -501,6 +597,7 @@ class AppSession(QObject):
             except Exception:
                 log.debug("ending the stroke failed", exc_info=True)
         self.store_layers = None
+        self.results.closed = True
         self.controller.close()
         for key in SHORTCUTS.values():
             try:
