@@ -179,6 +179,7 @@ def test_cancel_after_the_first_stage_leaves_nothing(model):
         next(gen)
 
 
+@pytest.mark.slow  # renders the virtual slide's coarse levels and trains an FPN and a refiner on them (~20 s)
 def test_magnet_on_the_virtual_slide_beats_its_coarse_stage():
     case = virtual_case()
     model = virtual_model("magnet")
