@@ -32,11 +32,9 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..errors import TrainingError
-from ..models.config import CONFIG_FILE, IGNORE_INDEX
-from ..models.weights import WEIGHTS_FILE
+from ..models.config import CONFIG_FILE, IGNORE_INDEX, WEIGHTS_FILE
 
 __all__ = ["add_parser", "run"]
 
@@ -319,7 +317,7 @@ def run(args) -> int:
     version = args.version or (next_version(parent.config.version) if parent is not None else model.config.version)
     model.config = model.config.evolve(lineage=lineage, version=version,
                                        name=args.name or model.config.name)
-    model.to(torch.device("cpu"))
+    model.to("cpu")
     save_model(model, out)
     if move_log:
         shutil.move(str(log_path), out / LOG_FILE)

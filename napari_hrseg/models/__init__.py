@@ -1,24 +1,44 @@
-"""Segmentation architectures in plain PyTorch, their registry, and safe weight files."""
+"""Segmentation architectures in plain PyTorch, their registry, and safe weight files.
 
-from .base import Batch, HrsegModel, masked_cross_entropy, to_input_tensor
-from .config import IGNORE_INDEX, ModelConfig
-from .registry import build_model, create_model, list_models, model_class, register_model
-from .weights import import_torch_state_dict, load_model, save_model, shipped_models
+Attributes are imported lazily (PEP 562) so that ``napari_hrseg.models.config`` and the CLI's argument parsing do
+not pay for importing torch.
+"""
 
-__all__ = [
-    "Batch",
-    "HrsegModel",
-    "IGNORE_INDEX",
-    "ModelConfig",
-    "build_model",
-    "create_model",
-    "import_torch_state_dict",
-    "list_models",
-    "load_model",
-    "masked_cross_entropy",
-    "model_class",
-    "register_model",
-    "save_model",
-    "shipped_models",
-    "to_input_tensor",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "Batch": ".base",
+    "HrsegModel": ".base",
+    "masked_cross_entropy": ".base",
+    "to_input_tensor": ".base",
+    "IGNORE_INDEX": ".config",
+    "ModelConfig": ".config",
+    "build_model": ".registry",
+    "create_model": ".registry",
+    "list_models": ".registry",
+    "model_class": ".registry",
+    "register_model": ".registry",
+    "import_torch_state_dict": ".weights",
+    "load_model": ".weights",
+    "save_model": ".weights",
+    "shipped_models": ".weights",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    try:
+        module = _EXPORTS[name]
+    except KeyError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

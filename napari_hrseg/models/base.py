@@ -9,8 +9,8 @@ A model is a ``torch.nn.Module`` subclass of `HrsegModel` built from a `ModelCon
 - ``loss(outputs, batch)`` returns a dict of scalar tensors whose ``"loss"`` entry is what to back-propagate;
   the other entries are logged.  Pixels labelled `IGNORE_INDEX` never contribute.
 - ``halo`` is the context, in input pixels, that a tile needs around it for the output at its centre to equal a
-  whole-image pass (used by the tiler), and ``stride`` the multiple that inputs are padded to internally: tiles
-  whose origins are multiples of ``stride`` see the same feature grid as a whole-image pass.
+  whole-image pass (used by the tiler), and ``stride`` the coarsest feature stride: tiles whose origins are
+  multiples of ``stride`` see the same feature grid as a whole-image pass.
 
 Architecture-specific inference (MagNet's stages, HMSA's scale chain, GLNet's global/local pair, instance
 proposals) lives in methods documented on each class and in `napari_hrseg.inference`.
@@ -63,7 +63,7 @@ class HrsegModel(nn.Module):
     default_params: ClassVar[dict[str, Any]] = {}
     #: The task this architecture solves.
     task: ClassVar[str] = "semantic"
-    #: Coarsest feature stride; inputs are padded to a multiple of it internally.
+    #: Coarsest feature stride; tile origins aligned to it reproduce a whole-image pass's feature grid.
     stride: ClassVar[int] = 32
 
     def __init__(self, config: ModelConfig):

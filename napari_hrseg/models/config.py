@@ -15,12 +15,13 @@ from typing import Any
 
 from ..errors import ModelError
 
-__all__ = ["ModelConfig", "IGNORE_INDEX", "DEFAULT_COLORS", "CONFIG_FILE"]
+__all__ = ["ModelConfig", "IGNORE_INDEX", "DEFAULT_COLORS", "CONFIG_FILE", "WEIGHTS_FILE"]
 
 #: Label value that losses and metrics ignore (uncertain coarse auto-labels, unlabelled pixels).
 IGNORE_INDEX = 255
 
 CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
 
 # Distinct, colour-blind-friendlier defaults (Okabe-Ito), index 0 is background (transparent in napari).
 DEFAULT_COLORS = ("#000000", "#e69f00", "#56b4e9", "#009e73", "#f0e442", "#0072b2", "#d55e00", "#cc79a7", "#999999")

@@ -54,13 +54,13 @@ def model_class(name: str) -> type[HrsegModel]:
         ) from None
 
 
-def create_model(name: str, **config: Any) -> HrsegModel:
+def create_model(name: str, /, **config: Any) -> HrsegModel:
     """Build a freshly initialised model.
 
     Parameters
     ----------
     name : str
-        Registered architecture name.
+        Registered architecture name (positional-only, so ``name=`` can set ``ModelConfig.name``).
     **config
         `ModelConfig` fields (``num_classes``, ``class_names``, ``mpp``, ...) and architecture
         hyper-parameters (anything else, e.g. ``widths=(16, 32, 64, 128)``), which go to ``config.params``.

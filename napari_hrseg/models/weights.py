@@ -20,7 +20,7 @@ import torch
 
 from ..errors import ModelError, UnsafeCheckpointError
 from .base import HrsegModel
-from .config import CONFIG_FILE, ModelConfig
+from .config import CONFIG_FILE, WEIGHTS_FILE, ModelConfig
 from .registry import build_model
 
 __all__ = [
@@ -35,7 +35,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-WEIGHTS_FILE = "model.safetensors"
 
 
 def save_model(model: HrsegModel, directory: str | Path) -> Path:
