@@ -47,7 +47,8 @@ def test_adding_to_a_viewer_is_lazy_and_fast(make_napari_viewer, qtbot):
     viewer.layers.remove(viewer.add_image(np.zeros((8, 8, 3), np.uint8)))  # napari's one-time lazy imports
     before = RENDER_COUNTS.get()
     t = time.perf_counter()
-    vs = virtual_slide(seed=0)
+    # a seed no other test shows: napari's dask chunk cache must not serve tiles rendered elsewhere
+    vs = virtual_slide(seed=7)
     layer = viewer.add_image(vs.slide.as_layer_data(), **vs.slide.layer_kwargs(), visible=False)
     elapsed = time.perf_counter() - t
     assert RENDER_COUNTS.get() == before, "opening the slide and adding it hidden must compute no chunk"
