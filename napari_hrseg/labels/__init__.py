@@ -10,6 +10,8 @@ from .corrections import Correction
 from .history import EditRecord
 from .journal import Journal, JournalEntry
 from .review import Review
+from .qupath import ImportSummary, import_qupath_geojson
 from .store import SOURCES, EditGroup, LabelStore
 
-__all__ = ["LabelStore", "EditGroup", "EditRecord", "Correction", "Review", "Journal", "JournalEntry", "SOURCES"]
+__all__ = ["LabelStore", "EditGroup", "EditRecord", "Correction", "Review", "Journal", "JournalEntry", "SOURCES",
+           "ImportSummary", "import_qupath_geojson"]

@@ -852,7 +852,7 @@ class LabelStore:
         return None if m is None else self.reviewed_area(within) * m[0] * m[1]
 
     # ------------------------------------------------------------------ training queue
-    def corrections(self, after: int = 0, *, sources: Sequence[str] = ("user",),
+    def corrections(self, after: int = 0, *, sources: Sequence[str] = ("user", "import"),
                     max_size: int = 1024) -> Iterator[Correction]:
         """User corrections newer than the cursor ``after``, oldest first, as training samples.
 
@@ -865,7 +865,8 @@ class LabelStore:
         after : int
             Cursor: the ``seq`` of the last sample already consumed (0 for all).
         sources : sequence of str
-            Which sources count as corrections (add ``"import"`` to learn from QuPath annotations).
+            Which sources count as corrections: brush edits (``"user"``) and imported QuPath annotations
+            (``"import"``) by default; model predictions (``"model"``) are never corrections.
         max_size : int
             Largest sample edge in working-level pixels.
         """

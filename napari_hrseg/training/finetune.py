@@ -313,7 +313,7 @@ def fine_tune(model: HrsegModel, corrections: Iterable[Sample],
 
 
 def corrections_from_store(store, slide, mpp: float, *, after: int = 0, context: int = 0,
-                           sources: Sequence[str] = ("user",), max_size: int = 1024) -> tuple[list[Sample], int]:
+                           sources: Sequence[str] = ("user", "import"), max_size: int = 1024) -> tuple[list[Sample], int]:
     """User corrections of a `napari_hrseg.labels.LabelStore` as `Sample`s at the model's pixel size.
 
     Parameters
