@@ -36,7 +36,7 @@ def test_event_loop_keeps_beating_while_segmenting_and_fine_tuning(make_napari_v
     panels = dock_panels(viewer)
     session = panels["Segment"].session
     assert session.load_model_directory(str(tissue_model_dir))
-    session.controller.tile_size = 64  # many small tiles: many progress events for the GUI thread to handle
+    session.controller.tile_size = 96  # many small tiles: many progress events for the GUI thread to handle
     session.go_to(Region(0, 0, 2967, 2220))
     qtbot.waitUntil(lambda: warmed_up(0), timeout=30000)  # the app has started (imports done off the GUI thread)
     qtbot.wait(200)
@@ -69,7 +69,7 @@ def test_event_loop_keeps_beating_while_segmenting_and_fine_tuning(make_napari_v
     box = store.to_working(Region(1200, 700, 300, 300))
     store.write(box, np.zeros(box.shape, np.uint8), source="user", author="test")  # a correction to learn from
     beat = Heartbeat().start()
-    session.improve_model(ImproveSettings(steps=12, crop=96, batch_size=2))
+    session.improve_model(ImproveSettings(steps=8, crop=96, batch_size=2))
     wait_job(qtbot, session, "improve", timeout=90000)
     wait_job(qtbot, session, "segment")  # the re-segmentation with the new version
     beat.stop()

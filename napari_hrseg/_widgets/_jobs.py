@@ -331,10 +331,18 @@ def rank_job(entry: "ModelEntry", slide: "Slide", around: Region, exclude: list[
             candidates.append(((cand.center[0] - cy) ** 2 + (cand.center[1] - cx) ** 2, cand))
         cancel.raise_if_cancelled("ranking")
     candidates = [c for _, c in sorted(candidates, key=lambda t: t[0])[:count]]
-    ranked = []
+    ranked, failed = [], []
     for i, cand in enumerate(candidates):
-        ranked.extend(rank_regions(model, slide, [cand], cancel=lambda: cancel.cancelled))
+        try:
+            ranked.extend(rank_regions(model, slide, [cand], cancel=lambda: cancel.cancelled))
+        except HrsegError:
+            raise
+        except Exception as exc:  # one unreadable candidate (an engine bug at a slide corner) must not stop the rest
+            log.warning("could not rank region %s: %s", cand, exc, exc_info=True)
+            failed.append(exc)
         yield Tick(i + 1, len(candidates), f"scored {i + 1}/{len(candidates)} regions")
+    if failed and not ranked:
+        raise failed[-1]
     ranked.sort(key=lambda r: -r.score)
     return ranked
 

@@ -224,7 +224,17 @@ class JobBar(QWidget):
         job.progressed.connect(self._progressed)
         job.ended.connect(lambda ok, j=job: self._ended(j, ok))
 
+    def _alive(self) -> bool:
+        """False once Qt has deleted the widget (its panel closed with the viewer while a job was running)."""
+        try:
+            self.bar.isEnabled()
+            return True
+        except RuntimeError:
+            return False
+
     def _progressed(self, done: int, total: int, message: str) -> None:
+        if not self._alive():
+            return
         if total > 0:
             self.bar.setRange(0, total)
             self.bar.setValue(min(done, total))
@@ -232,7 +242,7 @@ class JobBar(QWidget):
             self.status.setText(message)
 
     def _ended(self, job: Job, ok: bool) -> None:
-        if job is not self.job:
+        if job is not self.job or not self._alive():
             return
         self.cancel_button.setEnabled(False)
         self.bar.setRange(0, 1)
