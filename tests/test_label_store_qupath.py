@@ -91,3 +91,21 @@ def test_unknown_class_is_refused_and_nothing_is_written(tmp_path):
     import_qupath_geojson(store, bad, class_map={"Tumor": "gland"})
     assert store.read(Region(20, 30, 1, 1))[0, 0] == 1
     store.close()
+
+
+def test_cli_import_paints_and_fails_cleanly(tmp_path, gland_file, realdata, capsys):
+    from napari_hrseg.cli import main
+    from napari_hrseg.slide import open_slide
+
+    svs = realdata / "aperio-svs" / "CMU-1-Small-Region.svs"
+    slide = open_slide(svs)
+    LabelStore.create(tmp_path / "cmu.hrseg", slide, level=0, class_names=("background", "stroma", "gland")).close()
+    assert main(["import", str(gland_file), "--store", str(tmp_path / "cmu.hrseg"), "--slide", str(svs)]) == 0
+    assert "imported 2 annotations" in capsys.readouterr().out
+    store = LabelStore.open(tmp_path / "cmu.hrseg", slide, read_only=True)
+    assert store.read(Region(120, 120, 1, 1))[0, 0] == 2
+    store.close()
+    bad = _write(tmp_path / "bad.geojson", [_feature([[[10, 10], [50, 10], [50, 50], [10, 10]]], "Tumor")])
+    assert main(["import", str(bad), "--store", str(tmp_path / "cmu.hrseg"), "--slide", str(svs)]) == 2
+    err = capsys.readouterr().err
+    assert "Tumor" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

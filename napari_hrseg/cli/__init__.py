@@ -16,9 +16,8 @@ from ..errors import HrsegError
 
 __all__ = ["main", "build_parser"]
 
-# Subcommand modules, in the order `--help` lists them.  A module missing here (an issue not landed yet)
-# simply does not appear.
-_COMMANDS = ("view", "info", "segment", "train", "export", "bench")
+# Subcommand modules, in the order `--help` lists them (each module's add_parser names its command).
+_COMMANDS = ("view", "info", "segment", "train", "export", "annotations")
 
 log = logging.getLogger("napari_hrseg")
 
@@ -32,13 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in _COMMANDS:
-        try:
-            module = importlib.import_module(f".{name}", __name__)
-        except ModuleNotFoundError as exc:
-            if exc.name == f"{__name__}.{name}":
-                continue
-            raise
-        module.add_parser(sub)
+        importlib.import_module(f".{name}", __name__).add_parser(sub)
     return parser
 
 
