@@ -62,7 +62,7 @@ METHODS: tuple[Method, ...] = (
            "coarse stage first, then finer stages refine the most uncertain points (one uncertainty layer per stage)"),
     Method("magnet_fast", "MagNet-Fast", (("magnet_fast", {}), ("magnet", {"fast": True})),
            "MagNet refining only the most uncertain patches: faster, nearly as accurate"),
-    Method("hms_attention", "multi-scale attention", (("hms_attention", {}),),
+    Method("hms_attention", "multi-scale attention", (("hmsa", {}), ("hms_attention", {})),
            "hierarchical multi-scale attention over adjacent pyramid levels (one attention layer per scale)"),
     Method("glnet", "GLNet (global-local)", (("glnet", {}),),
            "global branch with context on a coarse level, local branch on tiles"),

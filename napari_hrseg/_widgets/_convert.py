@@ -31,6 +31,8 @@ __all__ = [
     "prediction_maps",
     "confidence_map",
     "review_rectangles",
+    "point_colors",
+    "display_points",
     "agreement",
     "class_areas_um2",
 ]
@@ -143,8 +145,10 @@ def write_prediction(store: "LabelStore", prediction: "Prediction", *, tile: int
     box = store.to_working(prediction.region).clip(store.shape)
     if box.is_empty:
         return None
-    values, valid = grid_to_box(prediction.labels, prediction.grid_region, prediction.grid.downsample, box,
-                                store.downsample)
+    source, classes = prediction.labels, None
+    if store.kind == "instance":
+        source, classes = _fresh_instance_ids(store, prediction)
+    values, valid = grid_to_box(source, prediction.grid_region, prediction.grid.downsample, box, store.downsample)
     version = prediction.model_version
     writable = valid & ~user_owned_mask(store, box)
     for piece in box.grid(tile):
@@ -156,9 +160,33 @@ def write_prediction(store: "LabelStore", prediction: "Prediction", *, tile: int
             continue
         vals = values[rel]
         with store.group("model", author=version, model_version=version) as group:
-            for k in np.unique(vals[write]):
-                group.write_mask(piece, write & (vals == k), int(k))
+            if classes is None:
+                for k in np.unique(vals[write]):
+                    group.write_mask(piece, write & (vals == k), int(k))
+            else:
+                # object ids: one write of the piece (a mask per object would be thousands of writes)
+                merged = np.where(write, vals, store.read(piece))
+                present = {int(i): classes[int(i)] for i in np.unique(vals[write]) if i}
+                group.write(piece, merged.astype(store.dtype), instance_classes=present)
     return store.to_level0(box)
+
+
+def _fresh_instance_ids(store: "LabelStore", prediction: "Prediction") -> tuple[np.ndarray, dict[int, int]]:
+    """The prediction's objects renumbered with ids unused in the store, and each new id's class."""
+    from ..errors import LabelStoreError
+
+    ids = getattr(prediction, "instances", None)
+    if ids is None:
+        raise LabelStoreError(f"these labels hold objects, but the {prediction.method} method found none",
+                              subject=store.path, hint="segment with the instances method")
+    ids = np.asarray(ids)
+    n = int(ids.max()) if ids.size else 0
+    fresh = np.zeros(n + 1, dtype=np.uint64)
+    for i in range(1, n + 1):
+        fresh[i] = store.new_instance_id()
+    cls = np.zeros(n + 1, dtype=np.int64)
+    cls[ids.ravel()] = np.asarray(prediction.labels).ravel()  # every pixel of an object carries its class
+    return fresh[ids], {int(fresh[i]): int(cls[i]) or 1 for i in range(1, n + 1)}
 
 
 # ---------------------------------------------------------------------- maps -> image layers
@@ -237,6 +265,35 @@ def _natural_key(key: str) -> tuple:
 
 
 # ---------------------------------------------------------------------- reviews, comparisons
+def point_colors(stages: np.ndarray | None, n: int) -> np.ndarray:
+    """``(n, 4)`` RGBA colours of refined points by MagNet stage (later stages brighter), red when unknown."""
+    if stages is None or n == 0:
+        return np.tile(np.array([[1.0, 0.18, 0.33, 1.0]]), (n, 1))
+    stages = np.asarray(stages, dtype=np.float64)
+    lo, hi = float(stages.min()), float(stages.max())
+    t = np.zeros(n) if hi == lo else (stages - lo) / (hi - lo)
+    # from magenta (first refining stage) to yellow (last)
+    return np.stack([np.ones(n), 0.18 + 0.72 * t, 0.55 * (1 - t), np.ones(n)], axis=1)
+
+
+#: Most refined points shown at once: MagNet refines up to a large share of a stage's pixels (150,000 on a small
+#: view), and a napari Points layer of that size takes seconds of GUI time to build; an even subset shows where.
+MAX_DISPLAY_POINTS = 20000
+
+
+def display_points(prediction: "Prediction", max_points: int = MAX_DISPLAY_POINTS
+                   ) -> tuple[np.ndarray, np.ndarray, int]:
+    """Refined points to show (an evenly strided subset past ``max_points``), their colours, and the total."""
+    points = np.asarray(prediction.points, dtype=np.float64).reshape(-1, 2)
+    stages = getattr(prediction, "point_stages", None)
+    n = len(points)
+    if n > max_points:
+        keep = np.linspace(0, n - 1, max_points).round().astype(np.int64)
+        points = points[keep]
+        stages = None if stages is None else np.asarray(stages)[keep]
+    return points, point_colors(stages, len(points)), n
+
+
 def review_rectangles(reviews: Iterable["Review"]) -> list[np.ndarray]:
     """napari rectangle vertices ``(4, 2)`` (level-0 world coordinates, pixel edges) of reviewed regions."""
     out = []

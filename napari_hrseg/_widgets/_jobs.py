@@ -10,6 +10,7 @@ Headless: no Qt, no napari.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
@@ -21,7 +22,7 @@ import numpy as np
 
 from ..errors import Cancelled, HrsegError, TrainingError
 from ..geometry import Region
-from ._convert import MapImage, agreement, grid_to_box, prediction_maps, write_prediction
+from ._convert import MapImage, agreement, display_points, grid_to_box, prediction_maps, write_prediction
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..inference import CancelToken, InferenceOptions, Prediction
@@ -79,7 +80,11 @@ class ViewUpdate(Tick):
     maps : list of MapImage
         Confidence and every per-scale map, display-sized.
     points : numpy.ndarray
-        ``(N, 2)`` level-0 refined points (MagNet), possibly empty.
+        ``(N, 2)`` level-0 refined points (MagNet) to show, possibly empty (at most `MAX_DISPLAY_POINTS`).
+    point_colors : numpy.ndarray
+        ``(N, 4)`` RGBA by stage.
+    n_points : int
+        How many points the method refined (more than ``N`` when a subset is shown).
     instances : (numpy.ndarray, dict) or None
         Instance ids and their napari transform, when the method produced instances.
     written : Region or None
@@ -92,6 +97,8 @@ class ViewUpdate(Tick):
     prediction: Any = None
     maps: list = field(default_factory=list)
     points: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))
+    point_colors: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))
+    n_points: int = 0
     instances: Any = None
     written: Region | None = None
 
@@ -182,28 +189,34 @@ def segment_job(slide: "Slide", region: Region, entry: "ModelEntry", options: "I
         store = open_store()
         ready = StoreReady(0, 0, f"labels: {store.path}", store=store)
         yield ready
-        ready.shown.wait(STORE_SHOWN_TIMEOUT)
+        waited = 0.0
+        while not ready.shown.wait(0.1) and not cancel.cancelled and waited < STORE_SHOWN_TIMEOUT:
+            waited += 0.1
     cancel.raise_if_cancelled("segmentation")
     request = InferenceRequest(slide, region, model, options, request_id=request_id)
-    shown: set[int] = set()
     final: "Prediction | None" = None
+    last: ViewUpdate | None = None
+    stage = 0
     for event in run_request(request, cancel):
         prediction = getattr(event, "prediction", None)
         if not isinstance(event, (StageDone, Finished)) or prediction is None:
             yield Tick(event.done, event.total, event.message)
             continue
         final = prediction
-        if id(prediction) in shown:  # a Finished repeating the last StageDone's prediction
+        is_final = isinstance(event, Finished)
+        if last is not None and last.prediction is prediction:  # Finished repeating the last stage's prediction
+            if is_final:
+                yield dataclasses.replace(last, final=True, done=event.done, total=event.total)
             continue
-        shown.add(id(prediction))
         cancel.raise_if_cancelled("segmentation")
         written = write_prediction(store, prediction, cancel=cancel) if store is not None else None
-        stage = event.stage if isinstance(event, StageDone) else max(1, len(shown))
-        points = np.asarray(prediction.points, dtype=np.float64).reshape(-1, 2)
-        yield ViewUpdate(event.done, event.total, event.message or getattr(event, "name", ""), request_id=request_id,
-                         stage=stage, final=isinstance(event, Finished), prediction=prediction,
-                         maps=_float_maps(prediction), points=points, instances=_instances(prediction),
-                         written=written)
+        stage = event.stage if isinstance(event, StageDone) else stage + 1
+        points, colors, n_points = display_points(prediction)
+        last = ViewUpdate(event.done, event.total, event.message or getattr(event, "name", ""),
+                          request_id=request_id, stage=stage, final=is_final, prediction=prediction,
+                          maps=_float_maps(prediction), points=points, point_colors=colors, n_points=n_points,
+                          instances=_instances(prediction), written=written)
+        yield last
     if final is None:
         raise HrsegError("the pipeline ended without a result", subject=options.method)
     return final

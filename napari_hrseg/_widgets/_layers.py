@@ -173,19 +173,29 @@ class ResultLayers:
         return {k: v for k, v in self._maps.items() if self._alive(v)}
 
     # ------------------------------------------------------------------ points and instances
-    def show_points(self, points: np.ndarray, size: float) -> None:
-        """MagNet's refined points (level-0 ``(row, col)``); the layer exists only once there are points."""
+    def show_points(self, points: np.ndarray, size: float, colors: np.ndarray | None = None,
+                    total: int | None = None) -> None:
+        """MagNet's refined points (level-0 ``(row, col)``, coloured by stage); the layer exists once there are
+        points.  ``total`` > ``len(points)`` says a subset is shown (in the layer's name)."""
         points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+        colors = np.tile([[1.0, 0.18, 0.33, 1.0]], (len(points), 1)) if colors is None else np.asarray(colors)
+        total = len(points) if total is None else int(total)
+        name = f"{PREFIX}refined points (MagNet)"
+        if total > len(points):
+            name = f"{PREFIX}refined points (MagNet, {len(points):,} of {total:,} shown)"
         if self._alive(self.points):
             self.points.data = points
+            if len(points):
+                self.points.face_color = colors
             self.points.size = size
+            self.points.name = name
         elif len(points):
-            self._later(("points",), lambda: self._create_points(points, size))
+            self._later(("points",), lambda: self._create_points(points, size, colors, name))
 
-    def _create_points(self, points: np.ndarray, size: float) -> None:
+    def _create_points(self, points: np.ndarray, size: float, colors: np.ndarray, name: str) -> None:
         self.points = self._add(
-            "add_points", points, name=f"{PREFIX}refined points (MagNet)", size=size, face_color="#ff2d55",
-            border_width=0, opacity=0.9, metadata={"hrseg_kind": "points"})
+            "add_points", points, name=name, size=size, face_color=colors, border_width=0, opacity=0.9,
+            metadata={"hrseg_kind": "points"})
         self.points.editable = False
 
     def show_instances(self, ids: np.ndarray, transform: dict) -> None:

@@ -418,7 +418,7 @@ class AppSession(QObject):
         self.results.show_maps(event.maps, final=event.final)
         prediction = event.prediction
         size = max(4.0, 3.0 * float(prediction.grid.downsample[0])) if prediction is not None else 8.0
-        self.results.show_points(event.points, size)
+        self.results.show_points(event.points, size, event.point_colors, event.n_points)
         if event.instances is not None:
             self.results.show_instances(*event.instances)
         self.labels_changed.emit()
@@ -608,14 +608,13 @@ class AppSession(QObject):
             del _SESSIONS[self.viewer]
 
 
-def _wait_for_workers(jobs: Any, timeout_ms: int = 10000) -> None:
-    """Wait until the given jobs' workers have finished (they were asked to stop), so none still writes."""
-    from qtpy.QtCore import QCoreApplication, QElapsedTimer, QThread
+def _wait_for_workers(jobs: Any, timeout_s: float = 10.0) -> None:
+    """Wait until the given jobs' generators have stopped in their worker threads (they were asked to), so that
+    none still writes to a store about to be closed.  The event loop is not run here: this is called while the
+    main window handles its close event, when running it would let Qt delete widgets napari still uses."""
+    import time
 
-    timer = QElapsedTimer()
-    timer.start()
-    pending = [j for j in jobs if j.running]
-    while pending and timer.elapsed() < timeout_ms:
-        QCoreApplication.processEvents()  # delivers the workers' "finished" (the session ignores their results)
-        QThread.msleep(5)
-        pending = [j for j in pending if j.running]
+    deadline = time.monotonic() + timeout_s
+    for job in jobs:
+        if not job.stopped.wait(max(0.0, deadline - time.monotonic())):
+            log.warning("%s did not stop within %.0f s", job.desc, timeout_s)

@@ -10,6 +10,7 @@ message every `HrsegError` carries (the traceback goes to the log); a cancelled 
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any, Callable, Generator
 
 from qtpy.QtCore import QObject, Signal
@@ -63,6 +64,7 @@ class Job(QObject):
         self.result: Any = None
         self.done = False
         self.quiet_cancel = False
+        self.stopped = threading.Event()  # set in the worker thread when the generator has stopped
 
     def cancel(self, reason: str = "cancelled", *, quiet: bool = False) -> None:
         """Stop at the next progress tick (the engine's cancel points); nothing half-done is presented."""
@@ -88,9 +90,13 @@ def _safe(fn: Callable, desc: str) -> Callable:
     return slot
 
 
-def _drive(gen: Generator) -> Generator:
-    """The worker's generator: the job's own, returning its value."""
-    return (yield from gen)
+def _drive(gen: Generator, done: threading.Event) -> Generator:
+    """The worker's generator: the job's own, returning its value; ``done`` is set when it has stopped, whatever
+    the outcome (so a closing viewer can wait for its workers without running the event loop)."""
+    try:
+        return (yield from gen)
+    finally:
+        done.set()
 
 
 def start_job(gen: Generator, *, desc: str, token: Any = None,
@@ -123,8 +129,10 @@ def start_job(gen: Generator, *, desc: str, token: Any = None,
     from napari.qt.threading import create_worker
     from napari.utils import progress
 
-    worker = create_worker(_drive, gen, _start_thread=False, _ignore_errors=True)
+    stopped = threading.Event()
+    worker = create_worker(_drive, gen, stopped, _start_thread=False, _ignore_errors=True)
     job = Job(worker, token, desc)
+    job.stopped = stopped
     pbar = progress(total=0, desc=desc)
     job.pbar = pbar
 
