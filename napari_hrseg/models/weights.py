@@ -37,11 +37,20 @@ log = logging.getLogger(__name__)
 
 
 
-def save_model(model: HrsegModel, directory: str | Path) -> Path:
+def save_model(model: HrsegModel, directory: str | Path, *, dtype: torch.dtype | None = None) -> Path:
     """Write ``config.json`` and ``model.safetensors`` into ``directory`` atomically.
 
     Both files are written into a temporary sibling directory that is renamed into place, so an
     interrupted save never leaves a directory that looks like a complete model.
+
+    Parameters
+    ----------
+    model : HrsegModel
+    directory : str or Path
+    dtype : torch.dtype, optional
+        Store floating-point tensors in this type (``torch.float16`` halves the file: the shipped models);
+        integer tensors (batch-norm counters, ...) are kept as they are.  `load_model` casts them back to the
+        model's own float32 parameters, so a half-precision file loads transparently.
     """
     from safetensors.torch import save_file
 
@@ -50,7 +59,12 @@ def save_model(model: HrsegModel, directory: str | Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
         state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"arch": model.config.arch, "version": model.config.version})
+        if dtype is not None:
+            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+        metadata = {"arch": model.config.arch, "version": model.config.version}
+        if dtype is not None:
+            metadata["stored_dtype"] = str(dtype).removeprefix("torch.")
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata=metadata)
         model.config.save(tmp)
         if directory.exists():
             shutil.rmtree(directory)
@@ -110,6 +124,7 @@ def load_model(source: str | Path, *, device: str | torch.device = "cpu") -> Hrs
             subject=directory,
             hint=hint,
         )
+    # A half-precision file (shipped models) loads into the float32 model: load_state_dict copies with a cast.
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ModelError(

@@ -11,7 +11,9 @@ Note that for a 2-class model the top probability is always >= 0.5, so the defau
 ties; use a higher one (the paper's text says 0.9) to ignore more of a binary teacher's doubtful pixels.
 
 A region or a whole slide is processed tile by tile (`iter_coarse_labels` is a generator of `AutoLabelProgress`,
-cancelable between tiles) and written into a zarr array on disk, so a whole slide never sits in memory.
+cancelable between tiles) and written into a zarr array on disk, so a whole slide never sits in memory.  On a
+slide, tiles whose window holds no tissue (`napari_hrseg.inference.tissue.tissue_mask_for`) are skipped: the
+teacher is not run on glass, and their labels stay `IGNORE_INDEX` (chunks never written cost no disk).
 
 Store layout (zarr v3 group)::
 
@@ -99,12 +101,14 @@ def hard_labels(probs: np.ndarray | torch.Tensor, threshold: float = DEFAULT_THR
 
 @dataclass(frozen=True)
 class AutoLabelProgress:
-    """``done`` of ``total`` tiles written; ``labelled`` / ``ignored`` pixels so far."""
+    """``done`` of ``total`` tiles handled (``skipped`` of them glass, left ignored); ``labelled`` / ``ignored``
+    pixels so far (skipped tiles count as ignored)."""
 
     done: int
     total: int
     labelled: int
     ignored: int
+    skipped: int = 0
 
 
 @dataclass(frozen=True, eq=False)
@@ -170,7 +174,7 @@ def _create_store(path: Path, shape: tuple[int, int], attrs: dict) -> tuple[zarr
 
 def iter_coarse_labels(model: HrsegModel, source: np.ndarray | Slide, out: str | Path, *, region: Region | None = None,
                        threshold: float = DEFAULT_THRESHOLD, tile: int = 512, halo: int | None = None,
-                       device: str | torch.device | None = None, cancel: CancelToken = None,
+                       device: str | torch.device | None = None, skip_glass: bool = True, cancel: CancelToken = None,
                        ) -> Generator[AutoLabelProgress, None, CoarseLabels]:
     """Auto-label an image or a slide region tile by tile into a zarr store; a generator of progress.
 
@@ -194,6 +198,8 @@ def iter_coarse_labels(model: HrsegModel, source: np.ndarray | Slide, out: str |
         pass with the same surroundings when it covers the model's receptive-field reach.
     device : optional
         Where the teacher runs (default: where its weights are).
+    skip_glass : bool
+        On a slide, skip tiles whose window has no tissue (their labels stay ignored).  Images are never skipped.
     cancel : threading.Event or callable, optional
         Checked between tiles; raises `Cancelled`, and the partial store is deleted.
 
@@ -229,29 +235,39 @@ def iter_coarse_labels(model: HrsegModel, source: np.ndarray | Slide, out: str |
     }
     group, arr = _create_store(out, grid.shape, attrs)
     plan = list(tiles(grid.shape, tile, model.halo if halo is None else halo, model.stride))
+    tissue = None
+    if skip_glass and grid.is_slide:
+        from ..inference.tissue import tissue_mask_for  # the engine's cached detection of the same slide
+
+        tissue = tissue_mask_for(source)  # type: ignore[arg-type]
     was_training = model.training
     model.eval()
-    labelled = ignored = 0
+    labelled = ignored = skipped = 0
     finished = False
     try:
         for i, (core, window) in enumerate(plan):
             if is_cancelled(cancel):
                 raise Cancelled(f"auto-labelling was cancelled after {i} of {len(plan)} tiles", subject=out)
+            if tissue is not None and not tissue.has_tissue(grid.to_level0(window)):
+                skipped += 1
+                ignored += core.area
+                yield AutoLabelProgress(i + 1, len(plan), labelled, ignored, skipped)
+                continue
             probs = probabilities(model, grid.read(window), dev)
             hard = hard_labels(probs[(slice(None),) + core.relative_to(window).slices], threshold)
             arr[core.slices] = hard
             n_ign = int(np.count_nonzero(hard == IGNORE_INDEX))
             ignored += n_ign
             labelled += hard.size - n_ign
-            yield AutoLabelProgress(i + 1, len(plan), labelled, ignored)
+            yield AutoLabelProgress(i + 1, len(plan), labelled, ignored, skipped)
         group.attrs[_ATTR] = {**attrs, "complete": True}
         finished = True
     finally:
         model.train(was_training)
         if not finished:  # cancelled, closed or failed: never leave a half-written store that looks usable
             shutil.rmtree(out, ignore_errors=True)
-    log.info("coarse labels of %s: %d px labelled, %d px ignored (threshold %.2f) -> %s",
-             attrs["source"], labelled, ignored, threshold, out)
+    log.info("coarse labels of %s: %d px labelled, %d px ignored (threshold %.2f; %d of %d tiles glass) -> %s",
+             attrs["source"], labelled, ignored, threshold, skipped, len(plan), out)
     return CoarseLabels(out, arr, grid.region if grid.is_slide else None, float(model.config.mpp), float(threshold),
                         model.config.label)
 

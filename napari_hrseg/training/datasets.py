@@ -197,6 +197,9 @@ class ArraySource:
         ``(H, W)`` bool: pixels that crops should favour (e.g. a user's corrections; see `CropSampler.focus`).
     """
 
+    #: Resampled copies kept (oldest dropped first): enough for a multi-scale sampler's few pixel sizes.
+    CACHED_SIZES = 4
+
     def __init__(self, image: np.ndarray, labels: np.ndarray, instances: np.ndarray | None = None,
                  weight: np.ndarray | None = None, *, mpp: float | None = None, key: str = "array",
                  focus: np.ndarray | None = None):
@@ -236,13 +239,15 @@ class ArraySource:
 
             shape = scaled_shape(self._base.shape, self.mpp / mpp)
             b = self._base
-            self._cache = {key: Sample(
+            if len(self._cache) >= self.CACHED_SIZES:  # multi-scale sampling alternates a few pixel sizes
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[key] = Sample(
                 resample_image(b.image, shape),
                 resample_labels(b.labels, shape),
                 None if b.instances is None else resample_labels(b.instances, shape),
                 None if b.weight is None else resample_labels(b.weight, shape),
                 key=self.key, mpp=mpp,
-            )}
+            )
         return self._cache[key]
 
     def size_at(self, mpp: float) -> tuple[int, int]:
@@ -714,6 +719,11 @@ class CropSampler:
         Share of crops placed to contain a random *focus* pixel of a source that has them (`ArraySource`'s
         ``focus``, e.g. a user's corrections), so that a small corrected area is seen often; the other crops
         are drawn as above.
+    scales : sequence of float
+        Relative scales the crops are drawn at, one chosen uniformly per crop: scale ``s`` reads the crop at
+        ``mpp / s`` µm/px (0.25: four times coarser, so a ``crop``-px crop covers 16 times the area), always
+        ``crop`` pixels wide.  ``(1.0,)`` (default) draws every crop at ``mpp``.  Multi-scale models whose one
+        network sees every scale (MagNet's segmenter) train on all of them.  Focus crops are drawn at ``mpp``.
     """
 
     sources: Sequence[LabelledSource]
@@ -723,6 +733,7 @@ class CropSampler:
     augment: Callable[[Sample, np.random.Generator], Sample] | None = None
     min_labelled: float = 0.01
     focus: float = 0.0
+    scales: Sequence[float] = (1.0,)
     rng: np.random.Generator = field(init=False)
 
     def __post_init__(self):
@@ -730,14 +741,31 @@ class CropSampler:
             raise TrainingError("no training images", subject="data", hint="check --data and the split")
         if self.crop < 8:
             raise TrainingError(f"crop {self.crop} px is too small", subject="--crop", hint="use 64 px or more")
+        self.scales = tuple(float(s) for s in self.scales)
+        if not self.scales or any(not s > 0 for s in self.scales):
+            raise TrainingError(f"crop scales {self.scales} must be positive", subject="training")
         self.rng = np.random.default_rng(self.seed)
         self._sizes = [s.size_at(self.mpp) for s in self.sources]
+        self._sizes_at: dict[float, list[tuple[int, int]]] = {self.mpp: self._sizes}
         area = np.array([h * w for h, w in self._sizes], dtype=float)
         self._p = area / area.sum()
         points = [getattr(s, "focus_points", lambda m: None)(self.mpp) for s in self.sources]
         self._focus = [(i, pts) for i, pts in enumerate(points) if pts is not None and len(pts)]
         counts = np.array([len(pts) for _, pts in self._focus], dtype=float)
         self._focus_p = counts / counts.sum() if len(counts) else counts
+
+    def reconfigure(self, *, crop: int | None = None, scales: Sequence[float] | None = None) -> None:
+        """Change the crop side and/or the crop scales from the next crop on (a training phase's own settings);
+        the random stream goes on, so a run still repeats exactly from its seed."""
+        if crop is not None:
+            if crop < 8:
+                raise TrainingError(f"crop {crop} px is too small", subject="--crop", hint="use 64 px or more")
+            self.crop = int(crop)
+        if scales is not None:
+            scales = tuple(float(v) for v in scales)
+            if not scales or any(not v > 0 for v in scales):
+                raise TrainingError(f"crop scales {scales} must be positive", subject="training")
+            self.scales = scales
 
     @property
     def total_pixels(self) -> int:
@@ -749,12 +777,18 @@ class CropSampler:
         if self._focus and self.focus > 0 and self.rng.random() < self.focus:
             return self._focused(c)
         i = int(self.rng.choice(len(self.sources), p=self._p))
-        h, w = self._sizes[i]
+        if len(self.scales) == 1:  # no draw, so single-scale runs repeat exactly what they always drew
+            mpp = self.mpp / self.scales[0]
+        else:
+            mpp = self.mpp / self.scales[int(self.rng.integers(len(self.scales)))]
+        if mpp not in self._sizes_at:
+            self._sizes_at[mpp] = [s.size_at(mpp) for s in self.sources]
+        h, w = self._sizes_at[mpp][i]
         sample = None
         for _ in range(20):
             r = int(self.rng.integers(min(0, h - c), max(0, h - c) + 1))
             col = int(self.rng.integers(min(0, w - c), max(0, w - c) + 1))
-            sample = self.sources[i].read(Region(r, col, c, c), self.mpp)
+            sample = self.sources[i].read(Region(r, col, c, c), mpp)
             if sample.labelled_fraction >= self.min_labelled:
                 break
         assert sample is not None

@@ -252,8 +252,10 @@ def fine_tune(model: HrsegModel, corrections: Iterable[Sample],
     samples = merge_corrections(corrections, coarse, correction_weight=correction_weight,
                                 correction_share=correction_share, coarse_weight=coarse_weight)
     fine_keys = {c.key: c.labels != IGNORE_INDEX for c in corrections}
-    sources = [ArraySource(s.image, s.labels, s.instances, s.weight, mpp=s.mpp, key=s.key, focus=fine_keys.get(s.key))
-               for s in samples]
+    # The samples are at the model's pixel size; saying so lets recipes that draw crops at coarser scales (MagNet's
+    # segmenter) resample them, where a source without a pixel size would hand back full-resolution crops.
+    sources = [ArraySource(s.image, s.labels, s.instances, s.weight, mpp=model.config.mpp, key=s.key,
+                           focus=fine_keys.get(s.key)) for s in samples]
     val_sources = [ArraySource.from_sample(_at_model_mpp(s, model)) for s in val]
 
     before = corrected_accuracy(model, corrections)

@@ -52,12 +52,22 @@ class Phase:
         start of the phase and again after every validation, which puts the model in eval mode.
     lr_scale : float
         Multiplier of the configured learning rate in this phase.
+    min_crop : int, optional
+        Smallest crop side of this phase: its crops are ``max(TrainConfig.crop, min_crop)`` px, e.g. MagNet's
+        refiner needs crops whose coarsest stage still shows context, GLNet crops several local patches wide.
+    scales : tuple of float, optional
+        Relative scales this phase's crops are drawn at (see `CropSampler.scales`); default ``(1.0,)``.
+    batch_size : int, optional
+        Crops per step in this phase (default: the run's).
     """
 
     name: str
     fraction: float = 1.0
     enter: Callable[[HrsegModel], None] | None = None
     lr_scale: float = 1.0
+    min_crop: int | None = None
+    scales: tuple[float, ...] | None = None
+    batch_size: int | None = None
 
 
 def set_model_mode(model: HrsegModel, attribute: str, value: Any) -> None:
@@ -164,14 +174,41 @@ class MagNetRecipe(Recipe):
 
     MagNet's official code trains the backbone separately and then only the refinement module; here one run
     does both, ``segmenter_fraction`` of the steps for the segmenter.
+
+    The segmenter segments every stage (the whole region at the coarsest scale, patches at the finer ones), so
+    by default it trains on crops drawn at all of the model's scales (``config.scales``), as MagNet trains its
+    backbone on patches of every scale; the single-scale baselines use the same network.
+
+    Parameters
+    ----------
+    segmenter_fraction : float
+        Share of the steps for the segmenter phase.
+    multiscale_segmenter : bool
+        Draw the segmenter's crops at every scale of ``config.scales`` (else at 1.0 only).
+    refiner_crop : int, optional
+        Minimum crop side of the refiner phase, in model pixels.  The refiner learns from the coarsest stage's
+        view of the whole crop, so the crop should show the context that stage is meant to see: e.g.
+        ``patch_size / scales[0]`` (1024 px for 256-px patches and scales (0.25, 0.5, 1)).  Default: the run's.
+    refiner_batch_size : int, optional
+        Crops per step in the refiner phase (default the run's).
     """
 
-    segmenter_fraction = 0.6
+    def __init__(self, *, segmenter_fraction: float = 0.6, multiscale_segmenter: bool = True,
+                 refiner_crop: int | None = None, refiner_batch_size: int | None = None):
+        if not 0 < segmenter_fraction < 1:
+            raise TrainingError(f"segmenter_fraction={segmenter_fraction} is not in (0, 1)", subject="magnet recipe")
+        self.segmenter_fraction = segmenter_fraction
+        self.multiscale_segmenter = multiscale_segmenter
+        self.refiner_crop = refiner_crop
+        self.refiner_batch_size = refiner_batch_size
 
     def phases(self, model: HrsegModel) -> list[Phase]:
+        scales = tuple(float(s) for s in model.config.scales) if self.multiscale_segmenter else None
         return [
-            Phase("segmenter", self.segmenter_fraction, lambda m: set_model_mode(m, "train_phase", "segmenter")),
-            Phase("refiner", 1 - self.segmenter_fraction, lambda m: set_model_mode(m, "train_phase", "refiner")),
+            Phase("segmenter", self.segmenter_fraction, lambda m: set_model_mode(m, "train_phase", "segmenter"),
+                  scales=scales),
+            Phase("refiner", 1 - self.segmenter_fraction, lambda m: set_model_mode(m, "train_phase", "refiner"),
+                  min_crop=self.refiner_crop, batch_size=self.refiner_batch_size),
         ]
 
     @torch.no_grad()
@@ -186,20 +223,35 @@ class MagNetRecipe(Recipe):
 class GLNetRecipe(Recipe):
     """GLNet's three sequential modes (``model.train_mode``): 1 global only, 2 global-to-local with the global
     branch frozen, 3 local-to-global with the local branch frozen.  Step shares follow the official schedule
-    (120, 50 and 120 epochs); learning-rate scales its 5e-5 / 2e-5 / 5e-5."""
+    (120, 50 and 120 epochs); learning-rate scales its 5e-5 / 2e-5 / 5e-5.
+
+    Crops are at least ``patches_wide`` local patches (``size_p``) wide: on one patch the global and local views
+    coincide and the global-to-local sharing has nothing to add (phase 1 measured: 768-px crops with 256-px
+    patches, with a learning rate of 1e-3; 1e-2 diverged).
+    """
+
+    def __init__(self, *, patches_wide: int = 3):
+        self.patches_wide = int(patches_wide)
 
     def phases(self, model: HrsegModel) -> list[Phase]:
+        crop = self.patches_wide * int(model.params.get("size_p", 256))
         return [
-            Phase("global", 120 / 290, lambda m: set_model_mode(m, "train_mode", 1)),
-            Phase("global-to-local", 50 / 290, lambda m: set_model_mode(m, "train_mode", 2), lr_scale=0.4),
-            Phase("local-to-global", 120 / 290, lambda m: set_model_mode(m, "train_mode", 3)),
+            Phase("global", 120 / 290, lambda m: set_model_mode(m, "train_mode", 1), min_crop=crop),
+            Phase("global-to-local", 50 / 290, lambda m: set_model_mode(m, "train_mode", 2), lr_scale=0.4,
+                  min_crop=crop),
+            Phase("local-to-global", 120 / 290, lambda m: set_model_mode(m, "train_mode", 3), min_crop=crop),
         ]
 
 
 @register_recipe("dupsampling")
 class DUpsamplingRecipe(Recipe):
     """DUpsampling: fit the fixed reconstruction basis ``W`` by PCA on one-hot training labels before training
-    (the reproducers' recipe: a learnt ``W`` collapses to nearest-like blocks), then train as usual."""
+    (the reproducers' recipe: a learnt ``W`` collapses to nearest-like blocks), then train as usual.
+
+    A model that already has a fitted basis (fine-tuning, or training on from ``--init``) keeps it: its decoder
+    was trained against that ``W``.  Blocks with unknown pixels are left out of the fit; when every block has
+    some (sparse corrections, coarse auto-labels), unknown pixels count as background instead.
+    """
 
     #: Training crops whose labels the basis is fitted on.
     basis_crops = 32
@@ -207,11 +259,21 @@ class DUpsamplingRecipe(Recipe):
     def prepare(self, model: HrsegModel, samples: Callable[[int], list[Sample]]) -> dict[str, Any]:
         from ..models.dupsampling import fit_dupsampling_basis  # the architecture module owns the fit
 
+        mean = getattr(model, "basis_mean", None)
+        if mean is not None and bool(torch.any(mean != 0)):
+            return {"dupsampling_basis": "kept (already fitted)"}
         labels = [s.labels for s in samples(self.basis_crops)]
         n_components = int(model.basis.shape[1])  # type: ignore[union-attr]
-        basis, mean = fit_dupsampling_basis(labels, model.config.num_classes, int(model.ratio), n_components)
+        ignore_as = None
+        try:
+            basis, mean = fit_dupsampling_basis(labels, model.config.num_classes, int(model.ratio), n_components)
+        except ValueError:
+            ignore_as = 0
+            basis, mean = fit_dupsampling_basis(labels, model.config.num_classes, int(model.ratio), n_components,
+                                                ignore_as=0)
         model.set_basis(basis, mean)  # type: ignore[operator]
-        return {"dupsampling_basis_crops": len(labels), "dupsampling_components": n_components}
+        return {"dupsampling_basis_crops": len(labels), "dupsampling_components": n_components,
+                "dupsampling_ignore_as": ignore_as}
 
 
 @register_recipe("refinemask")

@@ -508,6 +508,8 @@ def train(model: HrsegModel, train_sources: Sequence[LabelledSource], val_source
                     _freeze_norm(model)
 
             enter()
+            sampler.reconfigure(crop=max(config.crop, phase.min_crop or 0), scales=phase.scales or (1.0,))
+            batch_size = phase.batch_size or config.batch_size
             params = [p for p in model.parameters() if p.requires_grad]
             if not params:
                 raise TrainingError(f"phase {phase.name!r} leaves no parameter to train", subject=model.config.arch)
@@ -521,7 +523,8 @@ def train(model: HrsegModel, train_sources: Sequence[LabelledSource], val_source
             phase_best_step: int | None = None
             phase_best_metrics: dict[str, float] = {}
             bad = 0
-            log_file.write("phase", phase=phase.name, index=index, steps=n_steps, lr=lr0)
+            log_file.write("phase", phase=phase.name, index=index, steps=n_steps, lr=lr0, crop=sampler.crop,
+                           scales=list(sampler.scales), batch_size=batch_size)
             yield PhaseStarted(phase.name, index, len(phases), n_steps)
             for i in range(n_steps):
                 if is_cancelled(cancel):
@@ -530,7 +533,7 @@ def train(model: HrsegModel, train_sources: Sequence[LabelledSource], val_source
                 lr = lr0 * factor(i)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                batch = recipe.collate(sampler.batch(config.batch_size), model, device)
+                batch = recipe.collate(sampler.batch(batch_size), model, device)
                 with _autocast(device, amp_dtype):
                     outputs = model(batch.image)
                     losses = model.loss(outputs, batch)
