@@ -128,6 +128,8 @@ def test_magnet_fast_refines_only_its_most_uncertain_patches(plain, model):
     pred, events = _run(slide, WHOLE, model, method="magnet_fast", probs_dtype="float32", params={"n_patches": 2})
     assert pred.method == "magnet_fast"
     assert sum(isinstance(e, TileDone) and e.stage > 1 for e in events) == 4  # 2 patches at each of 2 stages
+    _, per_stage = _run(cmu1(), WHOLE, model, method="magnet_fast", params={"n_patches": (1, 3)})
+    assert [sum(isinstance(e, TileDone) and e.stage == i for e in per_stage) for i in (2, 3)] == [1, 3]
     stage = {e.stage: e.prediction for e in events if isinstance(e, StageDone)}
     for i in (2, 3):
         key = f"stage{i}"
@@ -207,3 +209,5 @@ def test_unknown_and_bad_parameters_are_refused(model):
         _run(cmu1(), WHOLE, model, params={"npoints": 3})
     with pytest.raises(HrsegError, match="odd kernel_size"):
         _run(cmu1(), WHOLE, model, params={"kernel_size": 4})
+    with pytest.raises(HrsegError, match="one per refinement stage"):
+        _run(cmu1(), WHOLE, model, method="magnet_fast", params={"n_patches": (1, 2, 3)})

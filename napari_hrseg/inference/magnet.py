@@ -8,7 +8,8 @@ Registered pipelines:
   it geometrically (`warp_to_grid`), cuts it into MagNet's patch grid, segments and refines the patches and
   replaces the points where the previous map was unsure and the refinement is sure.
 - ``"magnet_fast"``: MagNet-Fast: per stage only the ``n_patches`` most uncertain patches are read, segmented and
-  refined (points only inside them); defaults ``n_patches = 4`` and ``n_points = 0.9`` as in the paper.
+  refined (points only inside them); defaults ``n_patches = 4`` and ``n_points = 0.9`` as in the paper
+  (``n_patches`` may also give one count per refinement stage, e.g. ``(16, 8)``).
 
 The steps are `napari_hrseg.models.magnet_ops`'s plain functions (uncertainty, patch grid and scores, patch
 choice, reassembly, refinement score, median smoothing, point budget, top-k selection, replacement); what this
@@ -100,8 +101,9 @@ class MagNetSettings:
         Patch ``(h, w)`` of every stage canvas, in that stage's pixels.
     n_points : float
         Points per stage: a count over the canvas (> 1) or a fraction of it (<= 1); see `points_budget`.
-    n_patches : int or None
-        MagNet-Fast: patches refined per stage (the most uncertain); None refines all.
+    n_patches : tuple of int or None
+        MagNet-Fast: patches refined at each refinement stage (stage 2, 3, ...; the most uncertain); None refines
+        all.  Given as one number for every stage (MagNet's setting) or one per stage.
     kernel_size : int
         Odd median window of the score smoothing, at the working size.
     block_size : int
@@ -112,7 +114,7 @@ class MagNetSettings:
 
     patch_size: tuple[int, int]
     n_points: float
-    n_patches: int | None
+    n_patches: tuple[int, ...] | None
     kernel_size: int
     block_size: int = 2048
     padding: str = "replicate"
@@ -123,12 +125,20 @@ class MagNetSettings:
         ps = params.get("patch_size", model.patch_size)
         patch = (int(ps), int(ps)) if np.isscalar(ps) else (int(ps[0]), int(ps[1]))
         n_patches = params.get("n_patches", int(p.get("n_patches", 0)) or (FAST_PATCHES if fast else None))
-        if fast and not n_patches:
+        stages = len(model.scales) - 1
+        if n_patches is not None and not np.isscalar(n_patches):
+            n_patches = tuple(int(n) for n in n_patches)
+            if len(n_patches) != stages:
+                raise HrsegError(f"n_patches={n_patches} gives {len(n_patches)} stages; the model refines in {stages}",
+                                 subject="InferenceOptions.params", hint="one number, or one per refinement stage")
+        elif n_patches:
+            n_patches = (int(n_patches),) * stages
+        if fast and (not n_patches or min(n_patches) < 1):
             raise HrsegError("MagNet-Fast needs n_patches >= 1", subject="n_patches", hint="e.g. params={'n_patches': 4}")
         n_points = float(params.get("n_points", FAST_POINTS if fast else p["n_points"]))
         kernel = int(params.get("kernel_size", p["kernel_size"]))
         block = int(params.get("block_size", 2048))
-        settings = cls(patch, n_points, int(n_patches) if n_patches else None, kernel, block, str(params.get("padding", "replicate")))
+        settings = cls(patch, n_points, n_patches or None, kernel, block, str(params.get("padding", "replicate")))
         if min(patch) < 1 or n_points <= 0 or kernel < 1 or kernel % 2 == 0 or block < max(patch):
             raise HrsegError(
                 f"invalid MagNet settings {settings}",
@@ -226,7 +236,7 @@ def _progressive(request: InferenceRequest, cancel: CancelToken | None, *, fast:
     options = request.options
     first = stages[0]
     stage1_tiler = Tiler(first.region, options.tile_size, model.segmenter.halo, stride=model.stride)
-    planned = [min(settings.n_patches, s.n_patches) if settings.n_patches else s.n_patches for s in stages[1:]]
+    planned = [min(_patches_for(settings, s), s.n_patches) if settings.n_patches else s.n_patches for s in stages[1:]]
     total = len(stage1_tiler) + sum(planned)
     yield Started(ctx.request_id, 0, total, f"MagNet: {len(stages)} stages, {sum(planned)} patches to refine", method=method)
     ctx.checkpoint()
@@ -253,8 +263,6 @@ def _progressive(request: InferenceRequest, cancel: CancelToken | None, *, fast:
     y_prev = torch.from_numpy(stitcher.finalize(require_complete=True))
     prev = first
     grids[first.key] = (first.grid, first.region)
-    maps["labels"][first.key] = y_prev.argmax(0).to(torch.uint8).numpy()
-    maps["uncertainty"][first.key] = uncertainty(y_prev[None])[0, 0].numpy()
     prediction = _stage_prediction(ctx, y_prev, first, maps, grids, points, point_stages, timings, method, False)
     yield StageDone(ctx.request_id, done, total, f"stage 1 at {first.grid.describe()}", stage=1, name=_stage_name(first), prediction=prediction)
     ctx.checkpoint()
@@ -306,7 +314,6 @@ def _progressive(request: InferenceRequest, cancel: CancelToken | None, *, fast:
         y_prev, prev = torch.from_numpy(y_stage), stage
         grids[stage.key] = (stage.grid, stage.region)
         maps["uncertainty"][stage.key] = u_stage
-        maps["labels"][stage.key] = y_prev.argmax(0).to(torch.uint8).numpy()
         maps["refined"][stage.key] = refined_mask
         maps["patches"][stage.key] = patch_mask_
         final = stage is stages[-1]
@@ -316,6 +323,11 @@ def _progressive(request: InferenceRequest, cancel: CancelToken | None, *, fast:
         ctx.checkpoint()
     yield Finished(ctx.request_id, done, total, "done", prediction=prediction)
     return prediction
+
+
+def _patches_for(settings: MagNetSettings, stage: _Stage) -> int:
+    """MagNet-Fast's patch count at a stage (stages 2, 3, ... are entries 0, 1, ... of ``n_patches``)."""
+    return settings.n_patches[stage.index - 2]
 
 
 def _stage_name(stage: _Stage) -> str:
@@ -341,7 +353,7 @@ def _choose(stage: _Stage, upsampled, settings: MagNetSettings) -> dict[int, lis
         _, y_u = upsampled(b)
         scores.append(patch_scores(y_u, stage.boxes[b])[0])
         owners.extend((b, i) for i in range(len(stage.boxes[b])))
-    order = choose_patches(torch.cat(scores), settings.n_patches)
+    order = choose_patches(torch.cat(scores), _patches_for(settings, stage))
     chosen: dict[int, list[int]] = {}
     for j in order.tolist():
         b, i = owners[j]
@@ -390,11 +402,20 @@ class _PatchTile:
 
 
 def _stage_prediction(ctx, y, stage, maps, grids, points, point_stages, timings, method, final) -> Prediction:
-    """The result after a stage, on that stage's grid (the last stage's is the model's grid)."""
+    """The result after a stage, on that stage's grid (the last stage's is the model's grid).
+
+    Its labels become ``maps["labels"][stage.key]`` (and stage 1's uncertainty ``maps["uncertainty"]["stage1"]``),
+    in ``maps`` for the later stages and in this prediction's own copy.
+    """
     pts = np.concatenate(points) if points else np.zeros((0, 2))
     stg = np.concatenate(point_stages) if point_stages else np.zeros((0,), dtype=np.uint8)
     t = dict(timings, forward=ctx.runner.seconds_forward)
-    return make_prediction(
+    prediction = make_prediction(
         ctx, y, method=method, maps=maps, grids=grids, points=pts, point_stages=stg, timings=t,
         on=None if final else (stage.grid, stage.region),
     )
+    for target in (maps, prediction.maps):
+        target.setdefault("labels", {})[stage.key] = prediction.labels
+        if stage.index == 1:
+            target["uncertainty"][stage.key] = prediction.maps["uncertainty"]["output"]
+    return prediction
