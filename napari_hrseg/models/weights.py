@@ -57,6 +57,9 @@ def save_model(model: HrsegModel, directory: str | Path, *, dtype: torch.dtype |
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    # mkdtemp makes a private (0700) directory; a model directory is meant to be shared like any other file.
+    # (Reading the umask would need os.umask, which is process-global and races with other threads.)
+    os.chmod(tmp, 0o755)
     try:
         state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
         if dtype is not None:
