@@ -32,7 +32,7 @@ def test_next_region_goes_to_the_most_uncertain_unreviewed_tissue(make_napari_vi
     SegmentPanel(viewer)
     panel = ReviewPanel(viewer)
     session = panel.session
-    assert not panel.next_button.isEnabled()  # no model yet
+    assert panel.next_button.isEnabled() == (session.controller.active is not None)  # shipped weights or none
     assert session.load_model_directory(str(tissue_model_dir))
     assert panel.next_button.isEnabled()
     # classes with the model's colours
@@ -54,7 +54,8 @@ def test_next_region_goes_to_the_most_uncertain_unreviewed_tissue(make_napari_vi
 
     # mark it reviewed (shortcut handler): it is never proposed again, and the counts say so
     session.mark_reviewed()
-    qtbot.waitUntil(lambda: "1 regions" in panel.counts.text(), timeout=10000)
+    wait_job(qtbot, session, "review")
+    assert "1 regions" in panel.counts.text()
     reviewed = session.controller.store.reviews()[0].region
     proposed = []
     for _ in range(3):

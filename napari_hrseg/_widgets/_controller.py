@@ -18,7 +18,7 @@ from ..errors import HrsegError, LabelStoreError, ModelError, RegionError
 from ..geometry import Region
 from ..viewport import RequestTracker
 from . import _jobs
-from ._catalog import SHIPPED_HINT, ModelCatalog, ModelEntry, resolve_method
+from ._catalog import SHIPPED_HINT, SHIPPED_NAMES, ModelCatalog, ModelEntry, resolve_method
 from ._workspace import models_dir, slug, store_path
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -62,9 +62,10 @@ class AppController:
         self.review_queue: list[Any] = []
         self._queue_key: tuple | None = None
         self._store_lock = threading.Lock()
-        latest = [e for e in self.catalog.entries() if e.origin == "shipped"]
-        if latest:
-            self.active = self.catalog.latest(latest[0].name)
+        shipped = {e.name for e in self.catalog.entries() if e.origin == "shipped"}
+        default = next((n for n in SHIPPED_NAMES if n in shipped), min(shipped, default=None))
+        if default is not None:  # the tissue model when it ships: the demo's and the virtual slide's default
+            self.active = self.catalog.latest(default)
 
     # ------------------------------------------------------------------ slide and model
     def set_slide(self, slide: "Slide | None") -> None:

@@ -460,18 +460,32 @@ class AppSession(QObject):
 
     # ------------------------------------------------------------------ review
     def mark_reviewed(self) -> None:
-        """Mark the view reviewed by the user with the active model version (durable at once)."""
-        def mark() -> None:
-            try:
-                review = self.controller.mark_reviewed(self.view())
-            except HrsegError as exc:
-                report_error(exc)
-                return
-            from napari.utils.notifications import show_info
+        """Mark the view reviewed by the user with the active model version.
 
-            self._show_reviews()
-            self.reviews_changed.emit()
-            show_info(f"marked {review.region.height} x {review.region.width} px reviewed by {review.reviewer}")
+        The record is journalled and fsynced in a worker (a disk busy with other writes can take a while to
+        acknowledge), then the overlay and the counts update.
+        """
+        from ..inference import CancelToken
+
+        region = self.view()
+
+        def mark() -> None:
+            def job():
+                from ._jobs import Tick
+
+                yield Tick(0, 1, "recording the review")
+                review = self.controller.mark_reviewed(region)
+                yield Tick(1, 1, "reviewed")
+                return review
+
+            def marked(review: Any) -> None:
+                from napari.utils.notifications import show_info
+
+                self._show_reviews()
+                self.reviews_changed.emit()
+                show_info(f"marked {review.region.height} x {review.region.width} px reviewed by {review.reviewer}")
+
+            self._start("review", job(), "Mark reviewed", CancelToken(), on_returned=marked)
 
         self.ensure_store(mark)
 
