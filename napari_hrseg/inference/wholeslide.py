@@ -395,7 +395,13 @@ def export_store(plan: PlannedSlide, model: HrsegModel, *, overwrite: bool = Fal
     )
     assert plan.output is not None
     log.info("%s: exporting labels to %s", plan.name, plan.output)
-    return export_labels(source, plan.output, overwrite=overwrite)
+    # Export here, with local threads: while a dask.distributed Client exists it is dask's default scheduler, and the
+    # export's reads would queue on the workers behind the next slides' tiles (the export of the first slide of a
+    # batch then waited for the last slide's tiles, and the workers' time went to shipping label chunks).
+    import dask
+
+    with dask.config.set(scheduler="threads"):
+        return export_labels(source, plan.output, overwrite=overwrite)
 
 
 # ---------------------------------------------------------------------- the run
