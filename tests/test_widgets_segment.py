@@ -149,3 +149,22 @@ def test_a_view_too_large_is_refused_with_a_hint(make_napari_viewer, app_dirs, t
     assert errors and "zoom in" in errors[-1] and "napari-hrseg segment" in errors[-1]
     assert session.controller.store is None  # nothing was opened or written
     assert fine_chunks() == before  # and nothing was read
+
+
+def test_removing_the_slide_stops_the_work_and_releases_the_store(app, qtbot, notifications):
+    from napari_hrseg.labels import LabelStore
+
+    viewer, panel, session = app
+    session.controller.tile_size = 64
+    session.go_to(Region(600, 300, 1600, 1600))
+    job = session.segment_view()
+    qtbot.waitUntil(lambda: session.store_layers is not None, timeout=30000)
+    path, slide = session.controller.store.path, session.controller.slide
+    viewer.layers.remove(viewer.layers[0])  # the slide, while the segmentation runs
+    qtbot.waitUntil(lambda: session.controller.slide is None and not job.running, timeout=30000)
+    assert session.controller.store is None and session.store_layers is None
+    assert not [lay.name for lay in viewer.layers if lay.name.startswith("hrseg: ")]
+    assert not panel.segment_button.isEnabled()
+    assert not [m for sev, m in notifications if sev == "error"]
+    with LabelStore.open(path, slide):  # unlocked
+        pass

@@ -208,10 +208,14 @@ class ResultLayers:
             self._later(("instances",), lambda: self._create_instances(ids, transform))
 
     def _create_instances(self, ids: np.ndarray, transform: dict) -> None:
+        from napari.utils.colormaps import DirectLabelColormap
+
+        # one bright colour for every object: outlines read against H&E, whatever the id
+        outline = DirectLabelColormap(color_dict={None: "#ffe600", 0: "transparent"})
         self.instances = self._add(
             "add_labels", ids, name=f"{PREFIX}instance outlines", scale=transform["scale"],
-            translate=transform["translate"], opacity=0.9, metadata={"hrseg_kind": "instances"})
-        self.instances.contour = 1
+            translate=transform["translate"], opacity=1.0, colormap=outline, metadata={"hrseg_kind": "instances"})
+        self.instances.contour = 2
         self.instances.editable = False
 
     # ------------------------------------------------------------------ reviews
@@ -233,7 +237,7 @@ class ResultLayers:
             layer.selected_data = set(range(len(layer.data)))
             layer.remove_selected()
         if rectangles:
-            layer.add_rectangles(rectangles, edge_width=edge_width, edge_color="#2ecc71", face_color="#2ecc7122")
+            layer.add_rectangles(rectangles, edge_width=edge_width, edge_color="#2ecc71", face_color="#2ecc7140")
         layer.mode = "pan_zoom"
 
     # ------------------------------------------------------------------ comparison

@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 #: Viewer-wide keyboard shortcuts: action -> key (napari's key names).
 SHORTCUTS = {"segment": "Shift-S", "review": "Shift-R", "next": "Shift-N"}
 
+#: Width of the reviewed-region outlines, in screen pixels.
+REVIEW_EDGE_PX = 3.0
+
 #: After adding the label layers, how long the first segmentation waits before computing, so that the canvas can
 #: draw them (first draws compile shaders) without a worker competing for the CPU.
 SHOWN_DELAY_MS = 300
@@ -157,9 +160,18 @@ class AppSession(QObject):
         self.live = False
         self.watcher: ViewportWatcher | None = None
         self.closed = False
+        self._switching = False
         viewer.layers.events.inserted.connect(self._layers_changed)
         viewer.layers.events.removed.connect(self._layers_changed)
         self._bind_keys()
+        from qtpy.QtCore import QTimer
+
+        self._review_zoom = 1.0
+        self._zoom_timer = QTimer()
+        self._zoom_timer.setSingleShot(True)
+        self._zoom_timer.setInterval(300)
+        self._zoom_timer.timeout.connect(self._rescale_reviews)
+        camera_of(viewer).events.zoom.connect(self._zoomed)
         _warm_up()
         self._close_watcher: _CloseWatcher | None = None
         self._layers_changed()
@@ -167,11 +179,16 @@ class AppSession(QObject):
     # ------------------------------------------------------------------ one per viewer
     @classmethod
     def for_viewer(cls, viewer: "napari.Viewer") -> "AppSession":
-        """The session of ``viewer``, created on first use."""
-        session = _SESSIONS.get(viewer)
+        """The session of ``viewer``, created on first use.
+
+        Panels docked from the plugin menu get napari's public-only proxy of the viewer, `napari-hrseg view` the
+        viewer itself: both find the same session (keyed by the viewer behind the proxy).
+        """
+        key = _viewer_key(viewer)
+        session = _SESSIONS.get(key)
         if session is None or session.closed:
             session = cls(viewer)
-            _SESSIONS[viewer] = session
+            _SESSIONS[key] = session
         return session
 
     def watch_window(self, window: QObject) -> None:
@@ -181,7 +198,7 @@ class AppSession(QObject):
 
     # ------------------------------------------------------------------ slide
     def _layers_changed(self, event: Any = None) -> None:
-        if self.closed:
+        if self.closed or self._switching:
             return
         if self.slide_layer is not None and self.slide_layer in self.viewer.layers:
             return
@@ -193,6 +210,13 @@ class AppSession(QObject):
             self.slide_layer = None
             QTimer.singleShot(0, self._layers_changed)
             return
+        self._switching = True  # removing our layers below must not come back here
+        try:
+            self._switch_slide()
+        finally:
+            self._switching = False
+
+    def _switch_slide(self) -> None:
         self._stop_jobs()
         layer = next((lay for lay in self.viewer.layers if "hrseg_slide" in (lay.metadata or {})), None)
         self.slide_layer = layer
@@ -207,14 +231,6 @@ class AppSession(QObject):
             self.watcher.set_enabled(self.live)
         self.slide_changed.emit()
         self.store_changed.emit()
-
-    def set_slide_layer(self, layer: Any) -> None:
-        """Use ``layer`` (an image layer whose metadata holds ``hrseg_slide``) as the slide."""
-        if "hrseg_slide" not in (layer.metadata or {}):
-            raise HrsegError("this layer is not a slide opened by napari-hrseg", subject=layer.name,
-                             hint="open the slide with File > Open (napari-hrseg reader)")
-        self.slide_layer = None
-        self._layers_changed()
 
     def view(self) -> Region:
         """The level-0 region on screen (empty without a slide)."""
@@ -417,7 +433,7 @@ class AppSession(QObject):
             self.store_layers.refresh()
         self.results.show_maps(event.maps, final=event.final)
         prediction = event.prediction
-        size = max(4.0, 3.0 * float(prediction.grid.downsample[0])) if prediction is not None else 8.0
+        size = max(6.0, 4.0 * float(prediction.grid.downsample[0])) if prediction is not None else 8.0
         self.results.show_points(event.points, size, event.point_colors, event.n_points)
         if event.instances is not None:
             self.results.show_instances(*event.instances)
@@ -494,10 +510,20 @@ class AppSession(QObject):
         if store is None:
             return
         reviews = store.reviews()
-        h0, w0 = store.level0_shape
-        view = self.view()
-        width = max(2.0, (view.height if not view.is_empty else h0) / 300)
+        # about 3 screen pixels wide at the current zoom (shapes are drawn in data units); redrawn when zoom settles
+        width = max(1.0, REVIEW_EDGE_PX / max(float(camera_of(self.viewer).zoom), 1e-6))
         self.results.show_reviews(review_rectangles(reviews), width)
+        self._review_zoom = float(camera_of(self.viewer).zoom)
+
+    def _zoomed(self, event: Any = None) -> None:
+        if self.results.reviews is not None:
+            self._zoom_timer.start()
+
+    def _rescale_reviews(self) -> None:
+        zoom = float(camera_of(self.viewer).zoom)
+        if self.closed or self.results.reviews is None or abs(zoom / max(self._review_zoom, 1e-9) - 1) < 0.25:
+            return
+        self._show_reviews()
 
     def next_region(self) -> None:
         """Go to the most uncertain unreviewed region near the view (ranking it first in a worker if needed)."""
@@ -604,6 +630,11 @@ class AppSession(QObject):
         self._stop_jobs("the viewer closed")
         if self.watcher is not None:
             self.watcher.close()
+        self._zoom_timer.stop()
+        try:
+            camera_of(self.viewer).events.zoom.disconnect(self._zoomed)
+        except (TypeError, ValueError, RuntimeError):
+            pass
         if self.store_layers is not None:
             try:
                 self.store_layers.end_stroke()
@@ -618,8 +649,14 @@ class AppSession(QObject):
                 self.viewer.bind_key(key, None)
             except Exception:
                 pass
-        if _SESSIONS.get(self.viewer) is self:
-            del _SESSIONS[self.viewer]
+        key = _viewer_key(self.viewer)
+        if _SESSIONS.get(key) is self:
+            del _SESSIONS[key]
+
+
+def _viewer_key(viewer: Any) -> Any:
+    """The viewer behind napari's ``PublicOnlyProxy`` (which plugin widgets receive), else the viewer."""
+    return getattr(viewer, "__wrapped__", viewer)
 
 
 def _wait_for_workers(jobs: Any, timeout_s: float = 10.0) -> None:
