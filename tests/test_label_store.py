@@ -418,7 +418,9 @@ def test_imported_real_nuclei_annotations_as_instance_labels(tmp_path, slide, re
         s.write(box, labels, source="import", author="MICCAI 2015 GT",
                 instance_classes={int(i): 1 for i in np.unique(labels) if i})
         assert np.array_equal(s.read(box), labels)
-        assert list(s.corrections()) == [] and len(list(s.corrections(sources=("import",)))) == 1
+        # imported annotations are training targets like the user's strokes (the default sources), not user edits
+        assert list(s.corrections(sources=("user",))) == [] and len(list(s.corrections(sources=("import",)))) == 1
+        assert len(list(s.corrections())) == 1
         src = s.to_label_source()
         assert src.kind == "instance" and src.dtype == np.uint32
         assert len(src.instance_classes) == len(np.unique(labels)) - 1

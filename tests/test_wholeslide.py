@@ -133,7 +133,11 @@ def test_region_probabilities_and_other_formats(tmp_path, model):
     assert probs.shape == (2,) + g.shape
     computed = probs.sum(0) > 0
     np.testing.assert_allclose(probs.sum(0)[computed], 1.0, atol=2e-3)
-    np.testing.assert_array_equal(probs.argmax(0)[computed], labels[g.slices][computed])
+    # labels come from float32 probabilities, the store keeps float16: where rounding made the two classes equal
+    # (or swapped them within one float16 step) the stored argmax cannot decide, so compare where it can
+    decided = computed & (np.abs(probs[1] - probs[0]) > 2e-3)
+    assert decided.sum() > 0.9 * computed.sum()
+    np.testing.assert_array_equal(probs.argmax(0)[decided], labels[g.slices][decided])
     gj = tmp_path / "cmu1.geojson"
     run_to_completion(segment_slide(CMU1, model, gj, region=region, options=SegmentOptions(tile_size=TILE)))
     features = json.loads(gj.read_text())["features"]
