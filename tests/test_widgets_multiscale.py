@@ -27,6 +27,7 @@ def test_magnet_attention_and_instances_layers(make_napari_viewer, qtbot, app_di
     from test_pipeline_support import nuclei_model, tissue_model
 
     from napari_hrseg._widgets import SegmentPanel
+    from napari_hrseg._widgets._layers import OUTLINE_PX
 
     viewer = make_napari_viewer()
     viewer.open_sample("napari-hrseg", "small-real-slide")
@@ -96,7 +97,9 @@ def test_magnet_attention_and_instances_layers(make_napari_viewer, qtbot, app_di
     store = session.controller.store
     assert store.kind == "instance" and prediction.instances.max() > 3
     outlines = session.results.instances
-    assert outlines is not None and outlines.contour == 1
+    assert outlines is not None and outlines.contour == OUTLINE_PX  # drawn as outlines, not filled
+    colors = outlines.colormap.map(np.array([0, 1, 2, int(prediction.instances.max())]))
+    assert colors[0][3] == 0 and (colors[1:] == colors[1]).all() and colors[1][3] == 1  # one colour for all objects
     np.testing.assert_array_equal(np.asarray(outlines.data), prediction.instances)
     ids = store.read_region(prediction.region)
     assert len(np.unique(ids[ids > 0])) >= prediction.instances.max() * 0.8  # objects in the store, renumbered

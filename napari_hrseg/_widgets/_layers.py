@@ -21,7 +21,7 @@ from ._convert import MapImage
 if TYPE_CHECKING:  # pragma: no cover
     import napari
 
-__all__ = ["ResultLayers", "PREFIX", "layer_kind"]
+__all__ = ["ResultLayers", "PREFIX", "OUTLINE_COLOR", "OUTLINE_PX", "layer_kind"]
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,11 @@ _DEFAULT_STYLE = ("inferno", 0.6, False)
 #: zero timer would run the next creation in the same batch of events, adding the stalls up again).
 NEXT_LAYER_MS = 30
 
+#: Instance outlines: one colour for every object (yellow reads on H&E, whatever the stain's shade) and a width in
+#: pixels of the instance map (1 px vanished on screen once zoomed out below the model's pixel size).
+OUTLINE_COLOR = "#ffe600"
+OUTLINE_PX = 2
+
 # Top-to-bottom order of the app's layers (the slide stays below them all).
 _ORDER = ("review", "points", "instances", "compare-diff", "compare-b", "compare-a", "labels", "labels-overview",
           "attention", "uncertainty", "confidence")
@@ -53,6 +58,15 @@ def _update_image(layer: Any, m: MapImage) -> None:
         layer.translate = m.translate
     if layer.name != m.title:
         layer.name = m.title
+
+
+def _short(n: int) -> str:
+    """``20000`` -> ``"20k"``, ``2194755`` -> ``"2.2M"`` (layer names must fit the layer list)."""
+    if n >= 1_000_000:
+        return f"{n / 1e6:.2g}M"
+    if n >= 1000:
+        return f"{n / 1e3:.3g}k"
+    return str(n)
 
 
 def layer_kind(layer: Any) -> str | None:
@@ -182,7 +196,7 @@ class ResultLayers:
         total = len(points) if total is None else int(total)
         name = f"{PREFIX}refined points (MagNet)"
         if total > len(points):
-            name = f"{PREFIX}refined points (MagNet, {len(points):,} of {total:,} shown)"
+            name = f"{PREFIX}refined points (MagNet, {_short(len(points))} of {_short(total)})"
         if self._alive(self.points):
             self.points.data = points
             if len(points):
@@ -211,11 +225,11 @@ class ResultLayers:
         from napari.utils.colormaps import DirectLabelColormap
 
         # one bright colour for every object: outlines read against H&E, whatever the id
-        outline = DirectLabelColormap(color_dict={None: "#ffe600", 0: "transparent"})
+        outline = DirectLabelColormap(color_dict={None: OUTLINE_COLOR, 0: "transparent"})
         self.instances = self._add(
             "add_labels", ids, name=f"{PREFIX}instance outlines", scale=transform["scale"],
             translate=transform["translate"], opacity=1.0, colormap=outline, metadata={"hrseg_kind": "instances"})
-        self.instances.contour = 2
+        self.instances.contour = OUTLINE_PX
         self.instances.editable = False
 
     # ------------------------------------------------------------------ reviews

@@ -2,15 +2,21 @@
 
 `start_job` wraps a generator in a napari ``GeneratorWorker``: every yielded `Tick` moves a progress bar in
 napari's activity dock (``napari.utils.progress``) and, through `JobBar`, the panel's own bar; every yield is
-where cancel takes effect (`Job.cancel` sets the job's `CancelToken`, which the engine checks, and quits the
-worker, which closes the generator at its next yield).  Errors become napari notifications with the one-line
-message every `HrsegError` carries (the traceback goes to the log); a cancelled job says so quietly.
+where cancel takes effect (`Job.cancel` sets the job's `CancelToken`, which the engine checks between tiles; at
+its next yield the job's generator is closed in the worker thread, so its ``finally`` blocks release stores and
+reader threads before the job counts as stopped).  Errors become napari notifications with the one-line message
+every `HrsegError` carries (the traceback goes to the log); a cancelled job says so quietly.
+
+The worker's signals reach the job's slots one at a time and in the order they were emitted (`_Serial`): napari's
+progress bar processes events while it updates, which would otherwise run the next signals inside the current
+slot.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections import deque
 from typing import Any, Callable, Generator
 
 from qtpy.QtCore import QObject, Signal
@@ -67,13 +73,15 @@ class Job(QObject):
         self.stopped = threading.Event()  # set in the worker thread when the generator has stopped
 
     def cancel(self, reason: str = "cancelled", *, quiet: bool = False) -> None:
-        """Stop at the next progress tick (the engine's cancel points); nothing half-done is presented."""
+        """Stop at the next progress tick (the engine's cancel points); nothing half-done is presented.
+
+        The token, not ``worker.quit()``, stops the job: quitting would leave the generator suspended at its yield
+        (superqt never closes it), holding the label store and the read-ahead thread until garbage collection.
+        """
         if self.done:
             return
         self.quiet_cancel = self.quiet_cancel or quiet
-        if self.token is not None:
-            self.token.cancel(f"{self.desc}: {reason}")
-        self.worker.quit()
+        self.token.cancel(f"{self.desc}: {reason}")
 
     @property
     def running(self) -> bool:
@@ -112,14 +120,54 @@ def lower_thread_priority(nice: int = WORKER_NICE) -> None:
         log.debug("could not lower the worker thread's priority", exc_info=True)
 
 
-def _drive(gen: Generator, done: threading.Event) -> Generator:
-    """The worker's generator: the job's own, returning its value; ``done`` is set when it has stopped, whatever
-    the outcome (so a closing viewer can wait for its workers without running the event loop)."""
+def _drive(gen: Generator, done: threading.Event, token: Any) -> Generator:
+    """The worker's generator: the job's own, returning its value, and raising `Cancelled` at the first yield
+    after ``token`` is cancelled.
+
+    The job's generator is closed here, in the worker thread, whatever the outcome, and then ``done`` is set (so a
+    closing viewer can wait for its workers without running the event loop, knowing they let go of the store).
+    """
     try:
         lower_thread_priority()
-        return (yield from gen)
+        while True:
+            try:
+                item = next(gen)
+            except StopIteration as stop:
+                return stop.value
+            yield item
+            token.raise_if_cancelled()
     finally:
+        gen.close()
         done.set()
+
+
+class _Serial:
+    """Runs one job's slots one at a time, in the order the worker emitted their signals.
+
+    napari's activity-dock progress bar calls ``QApplication.processEvents()`` whenever its value or description
+    changes, so the slot that moves it would otherwise be re-entered by the job's next queued signals: a MagNet
+    view's final result painted *before* the coarse stage that preceded it (which then overwrote it), or
+    ``finished`` handled in the middle of a progress tick, whose status line then replaced "cancelled".  A signal
+    that arrives while a slot runs is queued and runs right after it.
+    """
+
+    def __init__(self) -> None:
+        self._pending: deque[tuple[Callable, tuple]] = deque()
+        self._running = False
+
+    def slot(self, fn: Callable) -> Callable:
+        def queued(*args: Any) -> None:
+            self._pending.append((fn, args))
+            if self._running:
+                return  # nested in a running slot's processEvents(): runs when that slot returns
+            self._running = True
+            try:
+                while self._pending:
+                    call, call_args = self._pending.popleft()
+                    call(*call_args)
+            finally:
+                self._running = False
+        return queued
 
 
 def start_job(gen: Generator, *, desc: str, token: Any = None,
@@ -137,7 +185,8 @@ def start_job(gen: Generator, *, desc: str, token: Any = None,
     desc : str
         What the progress bars say.
     token : CancelToken, optional
-        Cancelled by `Job.cancel` so the engine stops between tiles or steps.
+        Cancelled by `Job.cancel` so the engine stops between tiles or steps (a new one if not given); the job
+        stops at its next yield in any case.
     on_event : callable, optional
         Called on the GUI thread with every yielded object (keep it to assignments).
     on_returned : callable, optional
@@ -152,8 +201,11 @@ def start_job(gen: Generator, *, desc: str, token: Any = None,
     from napari.qt.threading import create_worker
     from napari.utils import progress
 
+    from ..inference.types import CancelToken
+
+    token = CancelToken() if token is None else token
     stopped = threading.Event()
-    worker = create_worker(_drive, gen, stopped, _start_thread=False, _ignore_errors=True)
+    worker = create_worker(_drive, gen, stopped, token, _start_thread=False, _ignore_errors=True)
     job = Job(worker, token, desc)
     job.stopped = stopped
     pbar = progress(total=0, desc=desc)
@@ -162,7 +214,7 @@ def start_job(gen: Generator, *, desc: str, token: Any = None,
     def yielded(event: Any) -> None:
         done, total = int(getattr(event, "done", 0)), int(getattr(event, "total", 0))
         message = str(getattr(event, "message", "") or "")
-        pbar = job.pbar  # (updating it may process events, in which the job can finish)
+        pbar = job.pbar  # (updating it processes events; the job's own signals wait, see _Serial)
         if pbar is not None:
             if total > 0 and pbar.total != total:
                 pbar.total = total
@@ -210,12 +262,13 @@ def start_job(gen: Generator, *, desc: str, token: Any = None,
         if on_finished is not None:
             on_finished(job)
 
-    worker.yielded.connect(_safe(yielded, desc))
-    worker.returned.connect(_safe(returned, desc))
-    worker.errored.connect(_safe(errored, desc))
-    if hasattr(worker, "aborted"):
-        worker.aborted.connect(_safe(aborted, desc))
-    worker.finished.connect(_safe(finished, desc))
+    serial = _Serial()
+    worker.yielded.connect(serial.slot(_safe(yielded, desc)))
+    worker.returned.connect(serial.slot(_safe(returned, desc)))
+    worker.errored.connect(serial.slot(_safe(errored, desc)))
+    if hasattr(worker, "aborted"):  # only if something quits the worker directly
+        worker.aborted.connect(serial.slot(_safe(aborted, desc)))
+    worker.finished.connect(serial.slot(_safe(finished, desc)))
     if bar is not None:
         bar.bind(job)
     worker.start()
