@@ -14,6 +14,11 @@ Nuclei on MICCAI 2015 (``imageNN.png`` + ``imageNN_label.png``, pixel sizes from
 Any other folder: ``--pair "IMAGE_GLOB:LABEL_TEMPLATE" --label-kind semantic --data-mpp 0.5``; a slide with a
 label pyramid: ``--data slide.svs --labels labels.zarr``; the virtual slide: ``--data virtual:SEED[:SIZE]``.
 
+A shipped model, re-created exactly as it was made (data, held-out split, settings; scored on the held-out
+images, weights stored in float16; see napari_hrseg/training/shipped.py and docs/models.md)::
+
+    napari-hrseg train --preset nuclei --out napari_hrseg/weights/nuclei
+
 The output directory gets ``model.safetensors``, ``config.json`` (with the lineage: parent, data fingerprint,
 seed, validation metrics, command line, time) and ``train_log.jsonl``.  Nothing is written before training has
 finished; Ctrl-C leaves no half-saved model.
@@ -53,6 +58,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     what = p.add_argument_group("model")
+    what.add_argument("--preset", metavar="NAME",
+                      help="re-create a shipped model (nuclei, glands, glands-hmsa, tissue, tissue-hmsa, tissue-glnet) "
+                           "with its own data, split and settings; only --out, --steps, --init, --realdata, "
+                           "--threads, --device, --log and --no-progress apply")
     what.add_argument("--model", metavar="ARCH", help="registered architecture to train from scratch (e.g. fpn)")
     what.add_argument("--init", metavar="MODEL", help="start from this model directory or shipped model instead")
     what.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
@@ -64,7 +73,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     what.add_argument("--version", default=None, help="version label (default 1, or the next after --init's)")
 
     data = p.add_argument_group("data")
-    data.add_argument("--data", action="append", required=True, metavar="SOURCE",
+    data.add_argument("--data", action="append", metavar="SOURCE",
                       help="a folder of image/label pairs, a slide (with --labels), an OME-Zarr with labels, "
                            "or virtual:SEED[:SIZE]; repeatable")
     data.add_argument("--pair", metavar="IMAGE_GLOB:LABEL_TEMPLATE",
@@ -76,6 +85,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                       help="labels of a --data slide: a label store, an OME-Zarr labels group or a zarr pyramid")
     data.add_argument("--label-name", help="which label image of an OME-Zarr labels group")
     data.add_argument("--val-fraction", type=float, default=0.2, help="share of images held out (default 0.2)")
+    data.add_argument("--realdata", type=Path, help="with --preset: the real-data folder (default ../shared/realdata "
+                                                    "beside the repository, or $HRSEG_REALDATA)")
 
     run_ = p.add_argument_group("training")
     run_.add_argument("--steps", type=int, help="optimiser steps")
@@ -94,6 +105,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     run_.add_argument("--freeze-norm", action="store_true", help="keep batch-norm statistics frozen (tiny batches)")
     run_.add_argument("--seed", type=int, default=0)
     run_.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    run_.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; presets: 1, which was "
+                                                  "fastest on a shared two-core machine)")
 
     out = p.add_argument_group("output")
     out.add_argument("--out", required=True, type=Path, help="model directory to write")
@@ -218,9 +231,18 @@ def run(args) -> int:
     from ..training.trainer import (PhaseStarted, TrainConfig, TrainingFinished, TrainStep, Validated,
                                     seed_everything, train)
 
+    if args.preset:
+        return run_preset(args)
+    if not args.data:
+        raise TrainingError("no training data given", subject="train",
+                            hint="pass --data SOURCE (repeatable), or --preset NAME for a shipped model")
     if bool(args.model) == bool(args.init):
         raise TrainingError("give exactly one of --model ARCH (from scratch) or --init MODEL (continue)",
                             subject="train")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.steps is None and args.epochs is None:
         raise TrainingError("how long to train is not given", subject="train", hint="pass --steps N or --epochs E")
     out: Path = args.out
@@ -324,4 +346,45 @@ def run(args) -> int:
     metrics = ", ".join(f"{k}={v:.4f}" for k, v in finished.best_metrics.items() if k in ("miou", "dice", "aji", "pq"))
     log.info("saved %s to %s (%d steps%s)", model.config.label, out, finished.steps,
              f"; validation {metrics}" if metrics else "")
+    return 0
+
+
+def run_preset(args) -> int:
+    """``--preset NAME``: train, score on the held-out images and save a shipped model (float16 weights)."""
+    from ..training.lineage import command_line
+    from ..training.shipped import DEFAULT_THREADS, format_metrics, get_spec, train_shipped
+    from ..training.trainer import PhaseStarted, TrainStep
+
+    spec = get_spec(args.preset)
+    conflicting = [flag for flag, value in (("--model", args.model), ("--data", args.data), ("--param", args.param),
+                                            ("--labels", args.labels), ("--pair", args.pair))
+                   if value]
+    if conflicting:
+        raise TrainingError(f"{', '.join(conflicting)} cannot be combined with --preset", subject="train",
+                            hint="a preset fixes its data and model; drop them, or train without --preset")
+    out: Path = args.out
+    _check_out(out)
+    device = "cpu" if args.device == "auto" else args.device
+    gen = train_shipped(spec.name, out, realdata=args.realdata, steps=args.steps, init=args.init, device=device,
+                        threads=args.threads or DEFAULT_THREADS, log_path=args.log, command=command_line())
+    from tqdm import tqdm
+
+    bar = tqdm(total=None, unit="step", disable=args.no_progress, dynamic_ncols=True)
+    try:
+        while True:
+            try:
+                event = next(gen)
+            except StopIteration as stop:
+                result = stop.value
+                break
+            if isinstance(event, PhaseStarted) and event.count > 1:
+                bar.write(f"phase {event.index + 1}/{event.count}: {event.phase} ({event.steps} steps)", file=sys.stderr)
+            elif isinstance(event, TrainStep):
+                bar.total = event.total_steps
+                bar.update(1)
+                bar.set_postfix(loss=f"{event.loss:.4f}", refresh=False)
+    finally:
+        bar.close()
+    print(f"held-out ({len(result.metrics['images'])} images): {format_metrics(spec.name, result.metrics)}")
+    log.info("saved %s to %s", result.model.config.label, out)
     return 0

@@ -182,7 +182,8 @@ class MagNetRecipe(Recipe):
     Parameters
     ----------
     segmenter_fraction : float
-        Share of the steps for the segmenter phase.
+        Share of the steps for the segmenter phase; 1 trains the segmenter only (e.g. fine-tuning for a new stain:
+        the refiner reads probability maps, not pixels, so a stain change does not reach it).
     multiscale_segmenter : bool
         Draw the segmenter's crops at every scale of ``config.scales`` (else at 1.0 only).
     refiner_crop : int, optional
@@ -195,8 +196,8 @@ class MagNetRecipe(Recipe):
 
     def __init__(self, *, segmenter_fraction: float = 0.6, multiscale_segmenter: bool = True,
                  refiner_crop: int | None = None, refiner_batch_size: int | None = None):
-        if not 0 < segmenter_fraction < 1:
-            raise TrainingError(f"segmenter_fraction={segmenter_fraction} is not in (0, 1)", subject="magnet recipe")
+        if not 0 < segmenter_fraction <= 1:
+            raise TrainingError(f"segmenter_fraction={segmenter_fraction} is not in (0, 1]", subject="magnet recipe")
         self.segmenter_fraction = segmenter_fraction
         self.multiscale_segmenter = multiscale_segmenter
         self.refiner_crop = refiner_crop
@@ -204,9 +205,12 @@ class MagNetRecipe(Recipe):
 
     def phases(self, model: HrsegModel) -> list[Phase]:
         scales = tuple(float(s) for s in model.config.scales) if self.multiscale_segmenter else None
+        segmenter = Phase("segmenter", self.segmenter_fraction,
+                          lambda m: set_model_mode(m, "train_phase", "segmenter"), scales=scales)
+        if self.segmenter_fraction >= 1:
+            return [segmenter]
         return [
-            Phase("segmenter", self.segmenter_fraction, lambda m: set_model_mode(m, "train_phase", "segmenter"),
-                  scales=scales),
+            segmenter,
             Phase("refiner", 1 - self.segmenter_fraction, lambda m: set_model_mode(m, "train_phase", "refiner"),
                   min_crop=self.refiner_crop, batch_size=self.refiner_batch_size),
         ]
@@ -230,16 +234,22 @@ class GLNetRecipe(Recipe):
     patches, with a learning rate of 1e-3; 1e-2 diverged).
     """
 
-    def __init__(self, *, patches_wide: int = 3):
+    #: Official schedule: 120, 50 and 120 epochs.
+    OFFICIAL_FRACTIONS = (120 / 290, 50 / 290, 120 / 290)
+
+    def __init__(self, *, patches_wide: int = 3, fractions: tuple[float, float, float] | None = None):
         self.patches_wide = int(patches_wide)
+        self.fractions = tuple(fractions) if fractions is not None else self.OFFICIAL_FRACTIONS
+        if len(self.fractions) != 3 or any(f <= 0 for f in self.fractions):
+            raise TrainingError(f"fractions={fractions} must be three positive shares", subject="glnet recipe")
 
     def phases(self, model: HrsegModel) -> list[Phase]:
         crop = self.patches_wide * int(model.params.get("size_p", 256))
+        f1, f2, f3 = self.fractions
         return [
-            Phase("global", 120 / 290, lambda m: set_model_mode(m, "train_mode", 1), min_crop=crop),
-            Phase("global-to-local", 50 / 290, lambda m: set_model_mode(m, "train_mode", 2), lr_scale=0.4,
-                  min_crop=crop),
-            Phase("local-to-global", 120 / 290, lambda m: set_model_mode(m, "train_mode", 3), min_crop=crop),
+            Phase("global", f1, lambda m: set_model_mode(m, "train_mode", 1), min_crop=crop),
+            Phase("global-to-local", f2, lambda m: set_model_mode(m, "train_mode", 2), lr_scale=0.4, min_crop=crop),
+            Phase("local-to-global", f3, lambda m: set_model_mode(m, "train_mode", 3), min_crop=crop),
         ]
 
 
