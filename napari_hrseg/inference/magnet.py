@@ -46,7 +46,6 @@ last `StageDone` and `Finished` carry the final prediction on the model's grid.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -63,8 +62,8 @@ from ..models.magnet_ops import (
     patch_scores,
     points_budget,
     points_to_rows_cols,
+    confidence,
     reassemble_patches,
-    refinement_score,
     replace_points,
     select_points,
     smooth_score,
@@ -294,7 +293,7 @@ def _progressive(request: InferenceRequest, cancel: CancelToken | None, *, fast:
             t0 = time.perf_counter()
             if boxes:
                 r_canvas, covered = reassemble_patches(refined, boxes, block.height, block.width)
-                q = refinement_score(y, r_canvas)
+                q = _refinement_score(y_u, r_canvas, boxes, all_patches=len(boxes) == len(stage.boxes[b]))
                 q = smooth_score(q, settings.kernel_size, _working_size(block, stage.region, settings), settings.padding)
                 k = _block_budget(settings, block, stage.region, len(boxes), len(stage.boxes[b]))
                 idx = select_points(q, k, mask=None if bool(covered.all()) else covered)
@@ -359,6 +358,22 @@ def _choose(stage: _Stage, upsampled, settings: MagNetSettings) -> dict[int, lis
         b, i = owners[j]
         chosen.setdefault(b, []).append(i)
     return chosen
+
+
+def _refinement_score(y_u: torch.Tensor, refined: torch.Tensor, boxes: list[Box], *, all_patches: bool) -> torch.Tensor:
+    """MagNet's refinement score ``confidence(R) * Y_u`` (`refinement_score`), ``(1, 1, h, w)``, computed inside the
+    refined patches only.
+
+    Outside them the reassembled refinement ``R`` is all zeros, so its confidence and the score are 0 there anyway;
+    skipping those pixels saves MagNet-Fast two top-2 passes over the whole canvas (at 2048 x 2048 about half a
+    second of CPU, a sixth of its run).  ``Y_u`` is the uncertainty the patches were chosen by (already computed).
+    """
+    if all_patches:
+        return confidence(refined) * y_u
+    q = torch.zeros_like(y_u)
+    for y0, x0, y1, x1 in boxes:  # overlapping patches write the same values twice
+        q[:, :, y0:y1, x0:x1] = confidence(refined[:, :, y0:y1, x0:x1]) * y_u[:, :, y0:y1, x0:x1]
+    return q
 
 
 def _refine_patches(
