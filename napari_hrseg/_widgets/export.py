@@ -75,6 +75,7 @@ class ExportPanel(Panel):
         self.path_edit.textEdited.connect(lambda _: setattr(self, "_user_path", True))
         for signal in (self.session.store_changed, self.session.model_changed, self.session.slide_changed):
             signal.connect(self._suggest_path)
+        self.layout_.addStretch(1)
         self.session.job_started.connect(self._job_started)
         self._suggest_path()
 

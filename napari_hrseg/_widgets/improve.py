@@ -84,6 +84,7 @@ class ImprovePanel(Panel):
         self.session.slide_changed.connect(self.refresh)
         self.session.job_started.connect(self._job_started)
         self.session.improved.connect(self._improved)
+        self.layout_.addStretch(1)
         self.session.compared.connect(self._compared)
         self.refresh()
 

@@ -64,6 +64,7 @@ class ReviewPanel(Panel):
             signal.connect(self.refresh)
         self.session.reviews_changed.connect(self.update_counts)
         self.session.labels_changed.connect(self.update_counts)
+        self.layout_.addStretch(1)
         self.session.job_started.connect(self._job_started)
         self.refresh()
 

@@ -68,6 +68,7 @@ class SegmentPanel(Panel):
         self.session.model_changed.connect(self.refresh)
         self.session.slide_changed.connect(self.refresh)
         self.session.job_started.connect(self._job_started)
+        self.layout_.addStretch(1)
         self._fill_devices()
         self.refresh()
 
