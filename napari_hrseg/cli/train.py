@@ -378,7 +378,8 @@ def run_preset(args) -> int:
                 result = stop.value
                 break
             if isinstance(event, PhaseStarted) and event.count > 1:
-                bar.write(f"phase {event.index + 1}/{event.count}: {event.phase} ({event.steps} steps)", file=sys.stderr)
+                bar.write(f"phase {event.index + 1}/{event.count}: {event.phase} ({event.steps} steps)",
+                          file=sys.stderr)
             elif isinstance(event, TrainStep):
                 bar.total = event.total_steps
                 bar.update(1)

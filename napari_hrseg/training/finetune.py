@@ -115,7 +115,8 @@ def teacher_coarse_labels(model: HrsegModel, samples: Iterable[Sample],
     return out
 
 
-def merge_corrections(corrections: Sequence[Sample], coarse: Sequence[Sample], *, correction_weight: float | None = None,
+def merge_corrections(corrections: Sequence[Sample], coarse: Sequence[Sample], *,
+                      correction_weight: float | None = None,
                       correction_share: float = 0.5, coarse_weight: float = 1.0) -> list[Sample]:
     """Training samples from corrections and coarse labels (see the module docstring).
 
@@ -194,9 +195,11 @@ def corrected_accuracy(model: HrsegModel, corrections: Sequence[Sample]) -> floa
 
 
 def fine_tune(model: HrsegModel, corrections: Iterable[Sample],
-              coarse_labels: Iterable[Sample] | str | None = "teacher", *, out: str | Path | None = None, steps: int = 200, crop: int = 160, batch_size: int = 4,
+              coarse_labels: Iterable[Sample] | str | None = "teacher", *, out: str | Path | None = None,
+              steps: int = 200, crop: int = 160, batch_size: int = 4,
               lr: float = 2e-4, weight_decay: float = 1e-4, correction_weight: float | None = None,
-              correction_share: float = 0.5, coarse_weight: float = 1.0, focus: float = 0.5, coarse_threshold: float = DEFAULT_THRESHOLD, freeze_norm: bool = True, augment: Augment | None = None,
+              correction_share: float = 0.5, coarse_weight: float = 1.0, focus: float = 0.5,
+              coarse_threshold: float = DEFAULT_THRESHOLD, freeze_norm: bool = True, augment: Augment | None = None,
               seed: int = 0, device: str = "auto", version: str | None = None, name: str | None = None,
               val: Sequence[Sample] = (), log_path: str | Path | None = None, cancel: CancelToken = None,
               recipe: Recipe | None = None,
@@ -335,7 +338,8 @@ def fine_tune(model: HrsegModel, corrections: Iterable[Sample],
 
 
 def corrections_from_store(store, slide, mpp: float, *, after: int = 0, context: int = 0,
-                           sources: Sequence[str] = ("user", "import"), max_size: int = 1024) -> tuple[list[Sample], int]:
+                           sources: Sequence[str] = ("user", "import"), max_size: int = 1024,
+                           ) -> tuple[list[Sample], int]:
     """User corrections of a `napari_hrseg.labels.LabelStore` as `Sample`s at the model's pixel size.
 
     Parameters
