@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import ctypes
 import dataclasses
 import gc
@@ -435,25 +436,27 @@ class MethodRow:
     skipped: str = ""
 
 
-def region_methods(models: dict[str, Any], size: int) -> list[tuple[str, Any, InferenceOptions, str]]:
-    """``(name, model or None, options, note)`` per method; a None model (not shipped, not trained) is skipped."""
+def region_methods(models: dict[str, Any], size: int, batch_size: int = 4) -> list[tuple[str, Any, InferenceOptions, str]]:
+    """``(name, model or None, options, note)`` per method; a None model (not shipped, not trained) is skipped.
+    ``batch_size``: tiles or patches per forward pass, the same for every method."""
     fpn = segmenter_as_fpn(models["magnet"])
+    opts = functools.partial(InferenceOptions, batch_size=batch_size)
     magnet = models["magnet"]
 
     def trained_here(arch: str, name: str) -> str:
         return f"{name} (trained here)" if MODEL_SOURCES.get(arch, "").startswith("NOT SHIPPED") else name
 
     return [
-        ("global", fpn, InferenceOptions(method="global", global_size=size // 4), "one pass at 4 µm"),
-        ("sliding window", fpn, InferenceOptions(method="sliding_window", tile_size=512), f"1 µm, 512-px tiles, halo {fpn.halo}"),
-        ("MagNet", magnet, InferenceOptions(method="magnet", params={"n_points": MAGNET_POINTS}),
+        ("global", fpn, opts(method="global", global_size=size // 4), "one pass at 4 µm"),
+        ("sliding window", fpn, opts(method="sliding_window", tile_size=512), f"1 µm, 512-px tiles, halo {fpn.halo}"),
+        ("MagNet", magnet, opts(method="magnet", params={"n_points": MAGNET_POINTS}),
          f"stages 4, 2, 1 µm, every patch, {MAGNET_POINTS} of pixels"),
-        ("MagNet-Fast (paper)", magnet, InferenceOptions(method="magnet_fast"), "4 patches/stage, 0.9"),
-        ("MagNet-Fast", magnet, InferenceOptions(method="magnet_fast", params={"n_patches": FAST_PATCHES}),
+        ("MagNet-Fast (paper)", magnet, opts(method="magnet_fast"), "4 patches/stage, 0.9"),
+        ("MagNet-Fast", magnet, opts(method="magnet_fast", params={"n_patches": FAST_PATCHES}),
          f"{'+'.join(map(str, FAST_PATCHES))} patches at stages 2+3, 0.9"),
-        (trained_here("hmsa", "multi-scale attention"), models.get("hmsa"), InferenceOptions(method="hmsa", tile_size=512),
+        (trained_here("hmsa", "multi-scale attention"), models.get("hmsa"), opts(method="hmsa", tile_size=512),
          "scales 0.25, 0.5, 1"),
-        (trained_here("glnet", "GLNet"), models.get("glnet"), InferenceOptions(method="glnet"),
+        (trained_here("glnet", "GLNet"), models.get("glnet"), opts(method="glnet"),
          "global at 4 µm + context, 256-px patches"),
     ]
 
@@ -479,8 +482,8 @@ def region_case(args, seed: int, size: int) -> tuple[Slide, Region, np.ndarray]:
 def run_region_methods(args, models: dict[str, Any]) -> tuple[list[MethodRow], Region, np.ndarray]:
     size = 1024 if args.quick else 2048
     slide, region, truth = region_case(args, 0, size)
-    methods = [m for m in region_methods(models, size) if m[1] is not None]
-    skipped = [m for m in region_methods(models, size) if m[1] is None]
+    methods = [m for m in region_methods(models, size, args.batch_size) if m[1] is not None]
+    skipped = [m for m in region_methods(models, size, args.batch_size) if m[1] is None]
     # One untimed run of each first: oneDNN picks and caches kernels per input shape, once per process.  Then the
     # timed runs go round-robin over the methods, so that load from elsewhere on a shared CPU hits all alike.
     labels = {}
@@ -526,7 +529,8 @@ def print_region_table(rows: list[MethodRow], region: Region, truth: np.ndarray,
           "mIoU gt: over the ground truth's classes only")
     print(f"time: median of {args.repeat} round-robin runs after one warm-up run (wall clock, and this process's CPU time); "
           f"'/ SW' = median over rounds of the time / the sliding window's in the same round")
-    print(f"peak = resident memory above the process before the run (max over runs); torch threads = {torch.get_num_threads()}")
+    print(f"peak = resident memory above the process before the run (max over runs); torch threads = {torch.get_num_threads()}; "
+          f"batch size {args.batch_size} (tiles or patches per forward pass, every method)")
     for arch in ARCHS:
         print(f"  {arch} model: {MODEL_SOURCES.get(arch, '?')}")
     short = {"stroma": "stroma", "normal epithelium": "normal", "lumen": "lumen", "tumour epithelium": "tumour",
@@ -727,6 +731,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per method, round-robin (the median counts)")
     parser.add_argument("--tune", action="store_true", help="first print the validation runs the MagNet settings were chosen on")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--batch-size", type=int, default=4,
+                        help="part 1: tiles or patches per forward pass for every method (the engine's default: 4)")
     parser.add_argument("--parts", default="1,2,3", help="which parts to run, e.g. 1 or 2,3")
     parser.add_argument("--probe-wholeslide", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--probe-model", default=None, help=argparse.SUPPRESS)
