@@ -35,7 +35,7 @@ def test_magnet_attention_and_instances_layers(make_napari_viewer, qtbot, app_di
     session = panel.session
     assert session.load_model_directory(str(saved(tissue_model("magnet"), tmp_path, "tissue-magnet")))
     assert "runs as magnet" in panel.info.text()  # "automatic" picks MagNet for a MagNet model
-    session.go_to(Region(700, 300, 1800, 1800))
+    session.go_to(Region(1000, 600, 1200, 1200))  # 600 x 600 px at the model's 2 µm: stages and points still show
 
     updates = []
     session.segmented.connect(updates.append)
