@@ -26,7 +26,6 @@ The models
     starting from the MagNet segmenter's weights).  Trained on windows of virtual slides 1, 2 and 3 (the tumour's
     border and the tissue's edge), held out: the same two kinds of window of virtual slide 0, which
     ``benchmarks/bench_inference.py`` segments.
-    ``tissue-glnet`` is a preset only: the package ships no GLNet weights (see `ShippedSpec.shipped`).
 
 Threads: training runs torch on one thread by default (`DEFAULT_THREADS`): on a shared two-core machine two
 threads were up to three times slower per step than one.
@@ -203,9 +202,7 @@ SHIPPED: dict[str, ShippedSpec] = {
             # the global branch starts from the MagNet segmenter's encoder; the local branch and the aggregation
             # (modes 2 and 3) need the steps
             recipe=dict(fractions=(0.25, 0.35, 0.4)),
-            # not shipped: its three phases at 768-px crops did not fit the time the shipped set was made in;
-            # ``napari-hrseg train --preset tissue-glnet --out DIR`` trains it (docs/models.md)
-            data="virtual", init="tissue", shipped=False,
+            data="virtual", init="tissue",
         ),
     )
 }
