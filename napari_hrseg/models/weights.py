@@ -69,6 +69,8 @@ def save_model(model: HrsegModel, directory: str | Path, *, dtype: torch.dtype |
             metadata["stored_dtype"] = str(dtype).removeprefix("torch.")
         save_file(state, str(tmp / WEIGHTS_FILE), metadata=metadata)
         model.config.save(tmp)
+        for written in tmp.iterdir():  # safetensors writes its file 0600; weights are meant to be shared too
+            os.chmod(written, 0o644)
         if directory.exists():
             shutil.rmtree(directory)
         os.replace(tmp, directory)
