@@ -15,7 +15,7 @@ attention model comes from a shipped model of architecture ``hmsa`` if there is 
 few seconds on the virtual slide's ground truth (the test suite's recipe).  A shot whose model is missing is
 skipped, and the script says which.
 
-Run:  xvfb-run -a -s "-screen 0 1600x1200x24" python scripts/screenshots.py [--out docs/images]
+Run:  xvfb-run -a -s "-screen 0 1600x1200x24" python scripts/screenshots.py [--out docs/images] [--only review ...]
 """
 
 from __future__ import annotations
@@ -34,6 +34,10 @@ REPO = Path(__file__).resolve().parents[1]
 log = logging.getLogger("screenshots")
 
 MAX_BYTES = 300_000
+
+#: The shots, ``docs/images/app_<name>.png``.
+SHOTS = ("labels", "uncertainty_stages", "refined_points", "review", "attention", "nuclei")
+TISSUE_SHOTS = SHOTS[:4]
 
 
 def save_png(array: np.ndarray, path: Path, max_width: int = 1400) -> int:
@@ -75,10 +79,23 @@ def montage(shots: list[tuple[str, np.ndarray]], gap: int = 8) -> np.ndarray:
     return np.asarray(out)
 
 
+def _arch(name: str) -> str | None:
+    """Architecture of the shipped model ``name`` (from its config.json; None if that does not read)."""
+    from napari_hrseg.models.config import ModelConfig
+    from napari_hrseg.models.weights import shipped_model_dir
+
+    try:
+        return ModelConfig.load(shipped_model_dir(name)).arch
+    except Exception:  # a model folder being written by a training run right now
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "images")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--only", nargs="+", metavar="NAME", choices=SHOTS,
+                    help="make only these shots (the others' work is skipped), e.g. --only review nuclei")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -92,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
 
     configure_for_gui()
     os.environ["NAPARI_ASYNC"] = "0"  # draw every tile before a screenshot is taken
-    os.environ["NAPARI_APPLICATION_GUI_NOTIFICATION_LEVEL"] = "none"  # no toasts over the pictures (this run only)
+    os.environ["NAPARI_CONFIG"] = str(work / "napari-settings.yaml")  # this run's settings, not the user's
     warnings.filterwarnings("ignore", message=".*PyQt5 backend is deprecated.*")
     import napari
     from qtpy.QtCore import QCoreApplication, QThread
@@ -101,9 +118,14 @@ def main(argv: list[str] | None = None) -> int:
     from napari_hrseg._sample_data import virtual_slide_layers
     from napari_hrseg._widgets import dock_panels
     from napari_hrseg._widgets._session import warmed_up
-    from napari_hrseg.models import load_model, save_model, shipped_models
+    from napari_hrseg.models import save_model, shipped_models
     from napari_hrseg.virtual import virtual_slide
 
+    from napari.settings import get_settings
+
+    # no toasts over the pictures (napari's deprecation warning, "marked reviewed"); an error would still show.
+    # ("none" is napari's lowest level: it shows everything.)
+    get_settings().application.gui_notification_level = "error"
     shipped = shipped_models()
     written: list[str] = []
     missing: list[str] = []
@@ -134,6 +156,18 @@ def main(argv: list[str] | None = None) -> int:
         until(lambda: not any(j.running for j in session.jobs.values()) and not session.results.busy)
         pump(1.5)
 
+    def segment() -> None:
+        """Segment the view and wait; a failed run is tried once more, then stops the script (a picture of a
+        half-finished result would mislead)."""
+        for attempt in (1, 2):
+            job = session.segment_view()
+            settle()
+            if job is not None and job.ok:
+                return
+            log.warning("segmenting the view failed (%r)%s", getattr(job, "error", None),
+                        "; trying again" if attempt == 1 else "")
+        raise RuntimeError("segmenting the view failed twice; no screenshot of it was written")
+
     def show_tab(title: str) -> None:
         widget = panels[title]
         while widget is not None and not isinstance(widget, QDockWidget):
@@ -151,7 +185,11 @@ def main(argv: list[str] | None = None) -> int:
         pump(0.5)
         return viewer.screenshot(canvas_only=True, flash=False)
 
+    wanted = set(args.only or SHOTS)
+
     def window_shot(name: str) -> None:
+        if name.removeprefix("app_").removesuffix(".png") not in wanted:
+            return
         pump(0.8)
         size = save_png(viewer.screenshot(canvas_only=False, flash=False), args.out / name)
         written.append(f"{name} ({size // 1000} KB)")
@@ -162,10 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     pump(2)
 
     # ---- tissue (MagNet): labels, per-stage uncertainty, refined points
-    if "tissue" in shipped:
+    if "tissue" in shipped and wanted & set(TISSUE_SHOTS):
         session.set_model(session.controller.catalog.latest("tissue").label)
-        session.segment_view()
-        settle()
+        segment()
         only_visible("hrseg: labels")
         overview = next(lay for lay in viewer.layers if lay.name.endswith("(overview)"))
         overview.visible = False  # the editable window covers the view; one layer of colour reads better
@@ -181,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
             only_visible(layer.name)
             layer.opacity = 0.85
             shots.append((layer.name.removeprefix("hrseg: "), canvas()))
-        if shots:
+        if shots and "uncertainty_stages" in wanted:
             size = save_png(montage([(c, a[::2, ::2]) for c, a in shots]), args.out / "app_uncertainty_stages.png",
                             max_width=1800)
             written.append(f"app_uncertainty_stages.png ({size // 1000} KB)")
@@ -198,32 +235,34 @@ def main(argv: list[str] | None = None) -> int:
         else:
             missing.append("app_refined_points.png: the MagNet run refined no points")
 
-        # ---- review: mark this view and a neighbour reviewed, zoom out to see the overlay
+        # ---- review: mark this view and the one beside it reviewed, zoom out to see the overlay
+        first = session.view()
         session.mark_reviewed()
         settle()
-        session.go_to(region.translate(0, region.width))
+        session.go_to(first.translate(0, first.width))
         pump(1)
-        session.segment_view()
-        settle()
+        segment()
         session.mark_reviewed()
         settle()
-        session.go_to(region.expand(region.height))
+        both = type(first)(first.row, first.col, first.height, 2 * first.width)
+        session.go_to(both.expand(first.height // 4))  # both reviewed views and unreviewed tissue around them
         pump(2)
         only_visible("hrseg: labels (tissue)", "hrseg: reviewed")
+        editor.visible = False  # the store's overview alone, light, so the reviewed regions' outlines stand out
         overview.visible = True
-        overview.opacity = 0.5
+        overview.opacity = 0.3
         show_tab("Review")
         window_shot("app_review.png")
-    else:
+    elif "tissue" not in shipped:
         missing += ["app_labels.png, app_uncertainty_stages.png, app_refined_points.png, app_review.png: "
                     "no shipped tissue (MagNet) model"]
 
     # ---- multi-scale attention
     hmsa_dir = None
-    for name in shipped:
-        if load_model(name).config.arch == "hmsa":
-            hmsa_dir = name
-    if hmsa_dir is None:
+    attention = [name for name in shipped if _arch(name) == "hmsa"] if "attention" in wanted else []
+    if attention:  # the tissue one first: its classes are the ones the other shots show
+        hmsa_dir = min(attention, key=lambda name: (not name.startswith("tissue"), name))
+    if hmsa_dir is None and "attention" in wanted:
         sys.path.insert(0, str(REPO / "tests"))
         try:
             from test_pipeline_support import virtual_model  # the test suite's brief recipe (seconds)
@@ -240,8 +279,7 @@ def main(argv: list[str] | None = None) -> int:
             session.set_model(session.controller.catalog.latest(hmsa_dir).label)
         session.go_to(region.expand(region.height // 2))
         pump(1)
-        session.segment_view()
-        settle()
+        segment()
         shots = []
         for (kind, key), layer in sorted(session.results.map_layers().items()):
             if kind == "attention":
@@ -256,17 +294,16 @@ def main(argv: list[str] | None = None) -> int:
             missing.append("app_attention.png: the attention method produced no attention maps")
 
     # ---- nuclei: instance outlines
-    if "nuclei" in shipped:
+    if "nuclei" in shipped and "nuclei" in wanted:
         session.set_model(session.controller.catalog.latest("nuclei").label)
         center = region.center
         session.go_to(type(region)(int(center[0]) - 300, int(center[1]) - 450, 600, 900))
         pump(1)
-        session.segment_view()
-        settle()
+        segment()
         only_visible("hrseg: instance outlines")
         show_tab("Segment")
         window_shot("app_nuclei.png")
-    else:
+    elif "nuclei" not in shipped:
         missing.append("app_nuclei.png: no shipped nuclei model")
 
     viewer.close()
