@@ -412,9 +412,10 @@ def get_models(args) -> dict[str, Any]:
 #: trained on), never on the benchmark's region, for the shipped ``tissue`` model.  There (2048 px, 1 CPU thread):
 #: MagNet n_points 0.25 / 0.5 / 0.75 scored mIoU 0.668 / 0.689 / 0.700, so MagNet replaces 0.75 of each canvas
 #: (DeepGlobe's value and the model's default).  MagNet-Fast: n_patches 4, 8, (8, 4), (16, 2), (16, 4), (16, 8),
-#: (16, 16) scored 0.654, 0.664, 0.662, 0.680, 0.681, 0.683, 0.683 at 2.3, 3.0, 3.1, 2.8, 3.7, 4.4, 5.7 CPU s
-#: (sliding window 8.8 s); the cheapest within 0.5 points of the best is (16, 2): every stage-2 patch (2 µm, 16 of
-#: them) and the 2 most uncertain of the 64 stage-3 patches, with 0.9 of their pixels as points (the paper's value).
+#: (16, 16) scored 0.654, 0.664, 0.662, 0.680, 0.681, 0.683, 0.683 at 1.8, 2.6, 2.7, 3.0, 3.5, 4.0, 5.5 CPU s
+#: (sliding window 8.0 s, unwarmed; docs/benchmarks.md); the cheapest within 0.5 points of the best is (16, 2):
+#: every stage-2 patch (2 µm, 16 of them) and the 2 most uncertain of the 64 stage-3 patches, with 0.9 of their
+#: pixels as points (the paper's value).
 MAGNET_POINTS = 0.75
 FAST_PATCHES = (16, 2)
 
