@@ -187,9 +187,17 @@ def main(argv: list[str] | None = None) -> int:
 
     wanted = set(args.only or SHOTS)
 
+    def dismiss_toasts() -> None:
+        """Close notifications still on the canvas (an error retried by `segment` stays up for a while)."""
+        from napari._qt.dialogs.qt_notification import NapariQtNotification
+
+        for toast in viewer.window._qt_window.findChildren(NapariQtNotification):
+            toast.close()
+
     def window_shot(name: str) -> None:
         if name.removeprefix("app_").removesuffix(".png") not in wanted:
             return
+        dismiss_toasts()
         pump(0.8)
         size = save_png(viewer.screenshot(canvas_only=False, flash=False), args.out / name)
         written.append(f"{name} ({size // 1000} KB)")
