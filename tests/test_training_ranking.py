@@ -1,4 +1,5 @@
-"""Choosing where to correct: regions ranked by uncertainty, the ambiguous one first, reviewed ones excluded."""
+"""Choosing where to correct: regions ranked by uncertainty, the ambiguous one first, reviewed ones excluded; batches
+drawn in proportion to uncertainty."""
 
 from __future__ import annotations
 
@@ -13,7 +14,14 @@ from napari_hrseg.models.base import HrsegModel
 from napari_hrseg.models.config import ModelConfig
 from napari_hrseg.training.datasets import PRESETS, pair_files, split_by_image, tile_samples
 from napari_hrseg.training.predict import PixelGrid, predict_probabilities
-from napari_hrseg.training.ranking import candidate_regions, rank_regions, tissue_mask, uncertainty_map
+from napari_hrseg.training.ranking import (
+    RankedRegion,
+    candidate_regions,
+    rank_regions,
+    sample_regions,
+    tissue_mask,
+    uncertainty_map,
+)
 
 
 class GreyLevelClassifier(HrsegModel):
@@ -85,3 +93,50 @@ def test_ranking_a_real_model_on_real_tissue(realdata):
     # Cancelable between regions.
     with pytest.raises(Cancelled):
         rank_regions(model, image, regions, cancel=lambda: True)
+
+
+def test_batches_are_drawn_in_proportion_to_uncertainty():
+    scored = [RankedRegion(Region(i * 64, 0, 64, 64), score, 1.0) for i, score in enumerate([0.6, 0.3, 0.1, 0.0])]
+    rows = {r.region.row // 64: i for i, r in enumerate(scored)}
+
+    def first_draws(power: float, n: int = 4000) -> np.ndarray:
+        counts = np.zeros(len(scored))
+        rng = np.random.default_rng(7)
+        for _ in range(n):
+            counts[rows[sample_regions(scored, 1, power=power, rng=rng)[0].region.row // 64]] += 1
+        return counts / n
+
+    # power 1: each draw in proportion to the score (a top-k choice would give 1, 0, 0, 0); a zero score never first
+    assert first_draws(1.0) == pytest.approx([0.6, 0.3, 0.1, 0.0], abs=0.03)
+    assert first_draws(2.0) == pytest.approx(np.array([36, 9, 1, 0]) / 46, abs=0.03)
+    assert first_draws(0.0) == pytest.approx([0.25] * 4, abs=0.03)  # power 0: uniform random choice
+    # Without replacement: every region once, the zero score last; a steep power is the ranking itself.
+    for seed in range(20):
+        batch = sample_regions(scored, rng=seed)
+        assert sorted(r.score for r in batch) == [0.0, 0.1, 0.3, 0.6] and batch[-1].score == 0.0
+    assert sample_regions(scored, 2, power=200, rng=0) == scored[:2]
+    assert sample_regions(scored, 3, rng=5) == sample_regions(scored, 3, rng=5)  # reproducible from a seed
+    with pytest.raises(TrainingError, match="negative"):
+        sample_regions(scored, 2, power=-1)
+    with pytest.raises(TrainingError, match=">= 0"):
+        sample_regions([RankedRegion(Region(0, 0, 1, 1), -0.1, 1.0)], 1)
+
+
+def test_sampling_a_real_ranking_spreads_the_batch():
+    # Greys at every distance from mid grey: the top 3 of the ranking are the 3 most ambiguous; batches drawn in
+    # proportion to uncertainty still favour them but reach further, over many draws every tissue region.
+    image = np.zeros((64, 64 * 8, 3), np.uint8)
+    greys = [128, 135, 142, 150, 165, 185, 205, 40]
+    for i, g in enumerate(greys):
+        image[:, i * 64:(i + 1) * 64] = g
+    ranked = rank_regions(GreyLevelClassifier().eval(), image, candidate_regions(image.shape, 64))
+    top3 = {r.region.col for r in ranked[:3]}
+    assert top3 == {0, 64, 128}
+    seen, top_hits = set(), 0
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        batch = {r.region.col for r in sample_regions(ranked, 3, rng=rng)}
+        seen |= batch
+        top_hits += len(batch & top3)
+    assert seen == {r.region.col for r in ranked}
+    assert 3 * 200 * 3 / 8 < top_hits < 3 * 200  # more of the top 3 than uniform choice (3/8 per pick), not only

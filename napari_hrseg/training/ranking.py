@@ -11,6 +11,13 @@ chroma, is left out, so empty glass never ranks high because of a few odd pixels
 ``min_tissue`` tissue is not proposed).  Regions already reviewed or corrected can be excluded: a candidate is
 dropped when at least ``exclude_overlap`` of its area is covered by them.
 
+Choosing a **batch** of regions to correct before the next fine-tuning: `sample_regions` draws them with probability
+proportional to ``score ** power`` (without replacement) instead of taking the top few.  The top few of a ranking are
+alike (the same failure mode, often the same class) and a model fine-tuned on a handful of regions follows their
+class mix; weighted sampling still favours uncertain regions but spreads the batch over the pool (stochastic batch
+acquisition: Kirsch et al., "Stochastic Batch Acquisition: A Simple Baseline for Deep Active Learning", TMLR 2023).
+``power=0`` is uniform random choice, a large ``power`` the top few.
+
 The model sees each region with its halo of context (as in tiled inference), at its own pixel size.
 """
 
@@ -29,7 +36,8 @@ from ..slide import Slide
 from .cancel import CancelToken, is_cancelled
 from .predict import PixelGrid, probabilities, tiles
 
-__all__ = ["uncertainty_map", "tissue_mask", "RankedRegion", "rank_regions", "candidate_regions", "UNCERTAINTY_KINDS"]
+__all__ = ["uncertainty_map", "tissue_mask", "RankedRegion", "rank_regions", "candidate_regions", "UNCERTAINTY_KINDS",
+           "sample_regions"]
 
 UNCERTAINTY_KINDS = ("margin", "entropy")
 
@@ -160,3 +168,41 @@ def rank_regions(model: HrsegModel, source: np.ndarray | Slide, regions: Iterabl
     ranked.sort(key=lambda t: (t[0], t[1]))
     out = [r for _, _, r in ranked]
     return out[:top] if top is not None else out
+
+
+def sample_regions(ranked: Sequence[RankedRegion], k: int | None = None, *, power: float = 1.0,
+                   rng: np.random.Generator | int | None = None) -> list[RankedRegion]:
+    """Draw ``k`` regions without replacement, each draw with probability proportional to ``score ** power``.
+
+    Parameters
+    ----------
+    ranked : sequence of RankedRegion
+        Scored candidates, e.g. from `rank_regions` (any order; scores must be >= 0).
+    k : int, optional
+        How many to draw (default: all, i.e. a random order weighted by uncertainty).
+    power : float
+        Sharpness: 0 draws uniformly, 1 in proportion to the score, a large power is the ``k`` most uncertain.
+    rng : numpy.random.Generator or int, optional
+        Source of randomness (or its seed).
+
+    Returns
+    -------
+    list of RankedRegion
+        In the order drawn.  Regions of score 0 come only after every region with a positive score.
+    """
+    if power < 0:
+        raise TrainingError(f"power={power} is negative", subject="ranking",
+                            hint="use 0 (uniform) or more (1: in proportion to the uncertainty)")
+    ranked = list(ranked)
+    scores = np.array([r.score for r in ranked], dtype=np.float64)
+    if np.any(scores < 0) or not np.all(np.isfinite(scores)):
+        raise TrainingError("scores must be finite and >= 0 to be sampled", subject="ranking")
+    rng = np.random.default_rng(rng)
+    # Gumbel-top-k: sorting log-weights plus Gumbel noise draws without replacement in proportion to the weights
+    # (Plackett-Luce), in one pass.  A zero score has weight 0: it comes after all others, in uniform order.
+    zero = (scores == 0) & (power > 0)
+    log_w = power * np.log(np.where(zero, 1.0, scores)) if power > 0 else np.zeros_like(scores)
+    keys = np.where(zero, 0.0, log_w) + rng.gumbel(size=len(ranked))
+    order = np.lexsort((-keys, zero))  # last key is primary: positive scores first, then by decreasing key
+    out = [ranked[int(i)] for i in order]
+    return out[:k] if k is not None else out
