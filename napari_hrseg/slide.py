@@ -235,7 +235,11 @@ class Slide:
         reader = self.region_readers[level] if level < len(self.region_readers) else None
         if reader is not None:
             return np.asarray(reader.read_region(inside.row, inside.end_row, inside.col, inside.end_col))
-        return np.asarray(self.levels[level][inside.slices].compute(scheduler="threads"))
+        # callbacks=(): dask's global callbacks are left alone.  napari switches on an opportunistic dask cache
+        # (a global callback) while it loads tiles; a worker computing the same chunk at that moment made the
+        # cache's post-task hook fail with KeyError, and taking the globals (dask's default) races with napari's
+        # thread.  Reuse of decoded chunks comes from the readers' own chunk cache instead.
+        return np.asarray(self.levels[level][inside.slices].compute(scheduler="threads", callbacks=()))
 
     def _check_level(self, level: int) -> int:
         if not 0 <= level < len(self.levels):
@@ -253,7 +257,7 @@ class Slide:
         coarse = self.levels[-1]
         # A coarsest level larger than 1024 px would make the fingerprint slow; hash a strided view instead.
         step = max(1, math.ceil(max(coarse.shape[:2]) / 1024))
-        h.update(np.ascontiguousarray(coarse[::step, ::step].compute(scheduler="threads")).tobytes())
+        h.update(np.ascontiguousarray(coarse[::step, ::step].compute(scheduler="threads", callbacks=())).tobytes())
         return h.hexdigest()[:16]
 
     def as_layer_data(self) -> list[da.Array]:

@@ -115,6 +115,28 @@ def test_concurrent_reads_equal_serial_reads(realdata, relpath):
         assert np.array_equal(a, b), f"job {i} differs under concurrency"
 
 
+def test_reads_leave_naparis_dask_cache_alone(realdata):
+    """napari registers a global dask cache while it loads tiles; Slide reads from worker threads must not run
+    through it (two threads computing one chunk under that cache failed with KeyError in its post-task hook)."""
+    from dask.cache import Cache
+
+    slide = open_slide(realdata / "derived-from-cmu1" / "CMU-1-Small-Region.ome.zarr")  # a dask-path reader
+    cache = Cache(1e8)
+    cache.register()
+    try:
+        region = Region(0, 0, 256, 256)
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            reads = list(pool.map(lambda _: slide.read(region, level=1), range(16)))
+        slide.fingerprint()
+        assert all(np.array_equal(reads[0], r) for r in reads)
+        assert len(cache.cache.data) == 0  # nothing went through napari's cache
+        # and the global callback is still registered for napari's own reads
+        slide.levels[1][:64, :64].compute(scheduler="threads")
+        assert len(cache.cache.data) > 0
+    finally:
+        cache.unregister()
+
+
 def test_levels_pickle_for_dask_workers(realdata, tmp_path):
     """A level's dask graph survives pickling (distributed workers reopen the file themselves)."""
     for relpath in (SIX_CONTAINERS[0][0], SIX_CONTAINERS[3][0], SIX_CONTAINERS[5][0]):
