@@ -21,8 +21,9 @@ __all__ = ["ModelEntry", "ModelCatalog", "Method", "METHODS", "SHIPPED_NAMES", "
 
 log = logging.getLogger(__name__)
 
-#: The models the project ships (issue "trained models that ship"); listed even before their weights exist.
-SHIPPED_NAMES = ("tissue", "glands", "nuclei")
+#: The models the project ships, the default first (see napari_hrseg.training.shipped); listed even before their
+#: weights exist.
+SHIPPED_NAMES = ("tissue", "glands", "nuclei", "glands-hmsa", "tissue-hmsa", "tissue-glnet")
 
 SHIPPED_HINT = ("no shipped weights in this installation yet: choose \"Load model directory...\" "
                 "(a folder with config.json and model.safetensors, e.g. made by `napari-hrseg train`)")
