@@ -36,7 +36,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument("path", nargs="?", help="slide file or folder (default: the virtual slide)")
     parser.add_argument("--mpp", type=float, help="level-0 pixel size in µm, for files that do not state it")
-    parser.add_argument("--model", help="shipped model name (tissue, glands, glands-hmsa, nuclei, tissue-hmsa, tissue-glnet) or a model folder")
+    parser.add_argument("--model", help="shipped model name (tissue, glands, glands-hmsa, nuclei, tissue-hmsa, "
+                                         "tissue-glnet) or a model folder")
     parser.add_argument("--method", help="inference method: auto, sliding_window, global, magnet, magnet_fast, "
                                          "hms_attention, glnet, instances (default auto)")
     parser.add_argument("--labels", type=Path, help="folder for label stores (default: beside the slide, or the "
