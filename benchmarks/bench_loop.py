@@ -16,10 +16,12 @@ current model is fine-tuned (`napari_hrseg.training.fine_tune`) on
 
 with the regions chosen
 
-- (i) by uncertainty: `napari_hrseg.training.rank_regions` (mean margin uncertainty over tissue) over the pool's
-  candidate regions not yet revealed, most uncertain first, at most one per image per round (while other images
-  have candidates), or
-- (ii) at random among the same candidates.
+- (i) by uncertainty, top K: `napari_hrseg.training.rank_regions` (mean margin uncertainty over tissue) over the
+  pool's candidate regions not yet revealed, most uncertain first, at most one per image per round (while other
+  images have candidates),
+- (ii) by uncertainty, sampled: the same scores, K regions drawn without replacement with probability proportional
+  to the score (`napari_hrseg.training.ranking.sample_regions`, stochastic batch acquisition), or
+- (iii) at random among the same candidates.
 
 Every round's model is scored (mIoU over background and gland, and gland Dice, on the test images at 1 µm/px,
 whole-image passes).  Each configuration runs with ``--seeds`` seeds (the random choice and the fine-tuning's
@@ -33,9 +35,12 @@ shipped model; the loop then runs with regions chosen by uncertainty, (a) and (b
 window's score in the training palette, the level the loop tries to recover.
 
 Run:  python benchmarks/bench_loop.py [--quick] [--rounds 4] [--k 4] [--seeds 3] [--steps 40] [--json OUT]
-With the defaults, part 1 took 25 minutes and part 2 20 minutes, each on one thread of a two-core machine shared
-with other work; ``--skip-shift`` and ``--skip-glas`` run the parts as two processes side by side (docs/models.md
-has the tables).  ``--quick``: two rounds, one seed, a few minutes.  Torch runs on ``--threads`` threads (default 1).
+      [--strategies uncertainty,sampled,random]
+On one thread of a two-core machine shared with other work, part 1's top-K and random configurations took 25
+minutes and its two sampled ones 9 (a separate, less contended run; ``--strategies`` picks them), part 2 20 minutes;
+``--skip-shift`` and ``--skip-glas`` run the parts as two processes side by side (docs/models.md has the tables).  ``--quick``: two rounds, one seed, a few minutes.  ``--score-on-pool`` scores the GlaS rounds on
+the pool's pixels no round has revealed instead of the test images: a development set on which to compare ways of
+choosing regions without tuning them to the test set.  Torch runs on ``--threads`` threads (default 1).
 """
 
 from __future__ import annotations
@@ -75,7 +80,7 @@ from napari_hrseg.training import (  # noqa: E402
     train,
 )
 from napari_hrseg.training.predict import PixelGrid, predict_probabilities  # noqa: E402
-from napari_hrseg.training.ranking import tissue_mask  # noqa: E402
+from napari_hrseg.training.ranking import sample_regions, tissue_mask  # noqa: E402
 from napari_hrseg.training.recipes import MagNetRecipe  # noqa: E402
 from napari_hrseg.training.shipped import GLANDS_HELD_OUT, default_cache, default_realdata  # noqa: E402
 from napari_hrseg.training.windows import virtual_window  # noqa: E402
@@ -146,6 +151,16 @@ class Oracle:
         labels[region.slices] = im.truth[region.slices]
         self.shown.append((index, region))
 
+    def unrevealed(self) -> list[Image]:
+        """The pool with the revealed regions' truth ignored: a development set that no test image enters."""
+        out = []
+        for im in self.pool:
+            truth = im.truth.copy()
+            if im.key in self.revealed:
+                truth[self.revealed[im.key] != IGNORE_INDEX] = IGNORE_INDEX
+            out.append(Image(im.key, im.image, truth))
+        return out
+
     def corrections(self) -> list[Sample]:
         by_key = {im.key: im for im in self.pool}
         return [Sample(by_key[k].image, labels, key=k) for k, labels in self.revealed.items()]
@@ -163,17 +178,24 @@ def candidates(pool: Sequence[Image], size: int) -> list[tuple[int, Region]]:
 
 def choose(model: HrsegModel, pool: Sequence[Image], cands: list[tuple[int, Region]], shown: set, k: int,
            how: str, rng: np.random.Generator, halo: int) -> list[tuple[int, Region]]:
-    """The next ``k`` regions: the most uncertain (`rank_regions` per image, merged) or random ones."""
+    """The next ``k`` regions: the most uncertain (``"uncertainty"``: `rank_regions` per image, merged), drawn in
+    proportion to their uncertainty (``"sampled"``: `sample_regions`) or random ones (``"random"``)."""
     left = [c for c in cands if (c[0], c[1].as_tuple()) not in shown]
     if how == "random":
         pick = rng.choice(len(left), size=min(k, len(left)), replace=False)
         return [left[int(i)] for i in pick]
-    ranked = []
+    scored, image_of = [], {}
     for i, im in enumerate(pool):
         regions = [r for j, r in left if j == i]
         if regions:
-            ranked += [(rr.score, i, rr.region) for rr in rank_regions(model, im.image, regions, halo=halo)]
-    ranked.sort(key=lambda t: -t[0])
+            for rr in rank_regions(model, im.image, regions, halo=halo):
+                scored.append(rr)
+                image_of[id(rr)] = i
+    if how == "sampled":
+        return [(image_of[id(rr)], rr.region) for rr in sample_regions(scored, k, rng=rng)]
+    if how != "uncertainty":
+        raise ValueError(f"unknown strategy {how!r}")
+    ranked = sorted(((rr.score, image_of[id(rr)], rr.region) for rr in scored), key=lambda t: -t[0])
     # At most one region per image per round while other images have candidates: the most uncertain regions of
     # one image are often alike (one blurry gland, one stain artefact), and a round spent on them teaches little.
     picked, used = [], set()
@@ -198,13 +220,14 @@ def coarse_labels(model: HrsegModel, pool: Sequence[Image], threshold: float, ha
 
 def run_loop(model0: HrsegModel, pool: Sequence[Image], test: Sequence[Image], *, rounds: int, k: int, size: int,
              how: str, coarse: bool, seed: int, steps: int, threshold: float, halo: int, rank_halo: int,
-             crop: int, lr: float, recipe=None) -> list[dict[str, float]]:
-    """Scores after rounds 0..R of one configuration."""
+             crop: int, lr: float, recipe=None, on_pool: bool = False) -> list[dict[str, float]]:
+    """Scores after rounds 0..R of one configuration (on ``test``, or with ``on_pool`` on the pool's unrevealed
+    pixels)."""
     rng = np.random.default_rng(seed)
     oracle = Oracle(pool)
     cands = candidates(pool, size)
     model = model0
-    scores = [score(model, test)]
+    scores = [score(model, oracle.unrevealed() if on_pool else test)]
     for rnd in range(1, rounds + 1):
         t0 = time.perf_counter()
         shown = {(i, r.as_tuple()) for i, r in oracle.shown}
@@ -216,7 +239,7 @@ def run_loop(model0: HrsegModel, pool: Sequence[Image], test: Sequence[Image], *
         for event in gen:
             if isinstance(event, FineTuneFinished):
                 model = event.model
-        scores.append(score(model, test))
+        scores.append(score(model, oracle.unrevealed() if on_pool else test))
         log.info("%s %s seed %d round %d: miou %.4f (%.0f s)", "b" if coarse else "a", how, seed, rnd,
                  scores[-1]["miou"], time.perf_counter() - t0)
     return scores
@@ -260,12 +283,12 @@ def part_glas(args) -> dict[str, Any]:
     log.info("round-0 model trained in %.0f s: %s", time.perf_counter() - t0, score(model0, test))
     configs: dict[str, list] = {}
     for coarse in (False, True):
-        for how in ("uncertainty", "random"):
+        for how in args.strategies:
             name = f"({'b' if coarse else 'a'}) {how}"
             configs[name] = [
                 run_loop(model0, pool, test, rounds=args.rounds, k=args.k, size=128, how=how, coarse=coarse,
                          seed=s, steps=args.steps, threshold=args.threshold, halo=64, rank_halo=64, crop=160,
-                         lr=args.lr)
+                         lr=args.lr, on_pool=args.score_on_pool)
                 for s in range(args.seeds)
             ]
     n_cand = len(candidates(pool, 128))
@@ -273,13 +296,19 @@ def part_glas(args) -> dict[str, Any]:
           f"{len(test)} held-out images; K = {args.k} regions per round, {args.steps} fine-tuning steps per round, "
           f"coarse threshold {args.threshold}, {args.seeds} seed(s); (a) corrections only, (b) corrections + coarse "
           f"auto-labels of the pool")
-    print_table("test mIoU (background, gland) after each round, mean ± sd over seeds", configs, "miou")
-    print_table("test gland Dice after each round", configs, "dice")
+    on = "pool (unrevealed pixels)" if args.score_on_pool else "test"
+    print_table(f"{on} mIoU (background, gland) after each round, mean ± sd over seeds", configs, "miou")
+    print_table(f"{on} gland Dice after each round", configs, "dice")
+    print("\nmean of rounds 1.. (the loop's area under the curve), mean ± sd over seeds")
+    for metric in ("miou", "dice"):
+        print(f"{metric:>5}  " + "".join(f"{mean_sd([np.mean([r[metric] for r in run[1:]]) for run in runs]):>22}"
+                                         for runs in configs.values()))
     final = {n: float(np.mean([run[-1]["miou"] for run in runs])) for n, runs in configs.items()}
-    print(f"\nfinal round: (b) - (a): uncertainty {final['(b) uncertainty'] - final['(a) uncertainty']:+.4f}, "
-          f"random {final['(b) random'] - final['(a) random']:+.4f} mIoU;  uncertainty - random: "
-          f"(a) {final['(a) uncertainty'] - final['(a) random']:+.4f}, "
-          f"(b) {final['(b) uncertainty'] - final['(b) random']:+.4f} mIoU")
+    for how in args.strategies:
+        print(f"final round, {how}: (b) - (a) {final[f'(b) {how}'] - final[f'(a) {how}']:+.4f} mIoU")
+    for how in (h for h in args.strategies if h != "random" and "random" in args.strategies):
+        print(f"final round, {how} - random: (a) {final[f'(a) {how}'] - final['(a) random']:+.4f}, "
+              f"(b) {final[f'(b) {how}'] - final['(b) random']:+.4f} mIoU")
     return {"configs": configs, "pool": [im.key for im in pool], "seed_set": [im.key for im in seed_set],
             "test": [im.key for im in test]}
 
@@ -335,6 +364,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--shift-rounds", type=int, default=3)
     p.add_argument("--shift-k", type=int, default=2)
     p.add_argument("--shift-steps", type=int, default=60)
+    p.add_argument("--strategies", type=lambda s: s.split(","), default=["uncertainty", "sampled", "random"],
+                   help="GlaS region choices, comma-separated: uncertainty (top K), sampled, random")
+    p.add_argument("--score-on-pool", action="store_true",
+                   help="GlaS: score every round on the pool's unrevealed pixels instead of the test images (a "
+                        "development set for comparing region choices without looking at the test set)")
     p.add_argument("--skip-glas", action="store_true")
     p.add_argument("--skip-shift", action="store_true")
     p.add_argument("--realdata", default=str(default_realdata()))
