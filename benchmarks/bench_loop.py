@@ -38,9 +38,10 @@ Run:  python benchmarks/bench_loop.py [--quick] [--rounds 4] [--k 4] [--seeds 3]
       [--strategies uncertainty,sampled,random]
 On one thread of a two-core machine shared with other work, part 1's top-K and random configurations took 25
 minutes and its two sampled ones 9 (a separate, less contended run; ``--strategies`` picks them), part 2 20 minutes;
-``--skip-shift`` and ``--skip-glas`` run the parts as two processes side by side (docs/models.md has the tables).  ``--quick``: two rounds, one seed, a few minutes.  ``--score-on-pool`` scores the GlaS rounds on
-the pool's pixels no round has revealed instead of the test images: a development set on which to compare ways of
-choosing regions without tuning them to the test set.  Torch runs on ``--threads`` threads (default 1).
+``--skip-shift`` and ``--skip-glas`` run the parts as two processes side by side (docs/models.md has the tables).
+``--quick``: two rounds, one seed, a few minutes.  ``--score-on-pool`` scores the GlaS rounds on the pool's pixels
+no round has revealed instead of the test images: a development set on which to compare ways of choosing regions
+without tuning them to the test set.  Torch runs on ``--threads`` threads (default 1).
 """
 
 from __future__ import annotations
