@@ -273,7 +273,7 @@ def fit(model, params, sample: Callable[[np.random.Generator], tuple[np.ndarray,
 
 def train_models(data: TrainingData, steps: int) -> dict[str, Any]:
     """MagNet (segmenter on 1, 2 and 4 µm crops, then its refiner), the attention model (trunk from the segmenter,
-    trained on (0.5, 1) pairs) and GLNet (jointly, global view at 4 µm) on the training window."""
+    trained on (0.25, 1) pairs) and GLNet (jointly, global view at 4 µm) on the training window."""
     n = len(CLASS_NAMES)
     common = dict(num_classes=n, class_names=CLASS_NAMES, mpp=MODEL_MPP)
     magnet = create_model("magnet", scales=SCALES, **MAGNET, **common, **TRUNK)
@@ -284,20 +284,9 @@ def train_models(data: TrainingData, steps: int) -> dict[str, Any]:
     fit(magnet, magnet.parameters(), lambda rng: data.crops(rng, 0, 1024, 2), max(1, steps // 2), lr=3e-3,
         name="magnet refiner", seed=1)
 
-    # The attention model starts from the segmenter's trunk and learns to blend 4 µm with 1 µm (its training pair
-    # (0.25, 1): the context that tells tumour from normal is a millimetre, what a 768-px crop holds at 4 µm).
-    hmsa = create_model("hmsa", scales=SCALES, attention_width=32, train_scales=(0.25, 1.0), **common, **TRUNK)
-    hmsa.trunk.load_state_dict(magnet.segmenter.state_dict())
-    fit(hmsa, hmsa.parameters(), lambda rng: data.crops(rng, 0, 768, 2), max(1, steps // 3), lr=1e-3, name="hmsa", seed=2)
-
-    # GLNet's two encoders start from the segmenter's (the paper's start from ImageNet weights), then train jointly.
-    glnet = create_model("glnet", scales=(0.25, 1.0), **common, **GLNET)
-    glnet.global_encoder.load_state_dict(magnet.segmenter.encoder.state_dict())
-    glnet.local_encoder.load_state_dict(magnet.segmenter.encoder.state_dict())
-    glnet.train_mode = 0
-    fit(glnet, glnet.trainable_parameters(), lambda rng: data.crops(rng, 0, 768, 1), max(1, steps // 2), lr=2e-3,
-        name="glnet", seed=3)
-    return {"magnet": magnet, "hmsa": hmsa, "glnet": glnet}
+    # The attention model and GLNet start from the segmenter (the attention model blends 4 µm with 1 µm: the
+    # context that tells tumour from normal is a millimetre, what a 768-px crop holds at 4 µm).
+    return {"magnet": magnet, **train_on_magnet(data, steps, magnet, ["hmsa", "glnet"])}
 
 
 def segmenter_as_fpn(magnet, mpp: float = MODEL_MPP):
