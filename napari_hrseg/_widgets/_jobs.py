@@ -322,7 +322,7 @@ def rank_job(entry: "ModelEntry", slide: "Slide", around: Region, exclude: list[
     list of RankedRegion
     """
     from ..inference import tissue_mask_for
-    from ..training import rank_regions
+    from ..training.ranking import covered_fraction, rank_regions
 
     model = entry.load()
     yield Tick(0, count, "finding tissue")
@@ -339,7 +339,7 @@ def rank_job(entry: "ModelEntry", slide: "Slide", around: Region, exclude: list[
             cand = Region(r, c, side, side).clip((h0, w0))
             if cand.height * 2 < side or cand.width * 2 < side or not tissue.has_tissue(cand):
                 continue
-            if _covered(cand, exclude) >= 0.5:
+            if covered_fraction(cand, exclude) >= 0.5:
                 continue
             candidates.append(((cand.center[0] - cy) ** 2 + (cand.center[1] - cx) ** 2, cand))
         cancel.raise_if_cancelled("ranking")
@@ -358,17 +358,6 @@ def rank_job(entry: "ModelEntry", slide: "Slide", around: Region, exclude: list[
         raise failed[-1]
     ranked.sort(key=lambda r: -r.score)
     return ranked
-
-
-def _covered(region: Region, others: list[Region]) -> float:
-    if not others:
-        return 0.0
-    mask = np.zeros(region.shape, bool)
-    for o in others:
-        inter = o.intersect(region)
-        if not inter.is_empty:
-            mask[inter.relative_to(region).slices] = True
-    return float(mask.mean())
 
 
 # ---------------------------------------------------------------------- export

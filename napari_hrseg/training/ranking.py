@@ -37,7 +37,7 @@ from .cancel import CancelToken, is_cancelled
 from .predict import PixelGrid, probabilities, tiles
 
 __all__ = ["uncertainty_map", "tissue_mask", "RankedRegion", "rank_regions", "candidate_regions", "UNCERTAINTY_KINDS",
-           "sample_regions"]
+           "sample_regions", "covered_fraction"]
 
 UNCERTAINTY_KINDS = ("margin", "entropy")
 
@@ -92,7 +92,8 @@ def candidate_regions(extent: Region | tuple[int, ...], size: int) -> list[Regio
     return [r for r in extent.grid(size) if r.height * 2 >= size and r.width * 2 >= size]
 
 
-def _overlap_fraction(region: Region, others: Sequence[Region]) -> float:
+def covered_fraction(region: Region, others: Sequence[Region]) -> float:
+    """Share of ``region``'s pixels that any of ``others`` covers (0 for an empty region or no others)."""
     if not others or region.is_empty:
         return 0.0
     mask = np.zeros(region.shape, bool)
@@ -146,7 +147,7 @@ def rank_regions(model: HrsegModel, source: np.ndarray | Slide, regions: Iterabl
         for order, region in enumerate(regions):
             if is_cancelled(cancel):
                 raise Cancelled("ranking was cancelled", subject=model.config.label)
-            if exclude and _overlap_fraction(region, exclude) >= exclude_overlap:
+            if exclude and covered_fraction(region, exclude) >= exclude_overlap:
                 continue
             grid = PixelGrid.of(source, region, model.config.mpp)
             h, w = grid.shape
