@@ -8,6 +8,8 @@ import dask.array as da
 import numpy as np
 import pytest
 
+from test_app_support import drag
+
 from napari_hrseg.geometry import Region
 from napari_hrseg.labels import LabelStore
 from napari_hrseg.slide import Slide
@@ -27,21 +29,6 @@ def store(tmp_path, slide):
                           chunk_size=256)
     yield s
     s.close()
-
-
-def drag(layer, MouseEvent, points, button=1):
-    """A real brush stroke through napari's mouse callbacks; ``points`` in world (level-0 pixel) coordinates."""
-    from napari.utils._proxies import ReadOnlyWrapper
-    from napari.utils.interactions import mouse_move_callbacks, mouse_press_callbacks, mouse_release_callbacks
-
-    def ev(kind, pos, dragging):
-        return ReadOnlyWrapper(MouseEvent(type=kind, is_dragging=dragging, position=pos, button=button,
-                                          view_direction=None, dims_displayed=(0, 1), dims_point=(0, 0)))
-
-    mouse_press_callbacks(layer, ev("mouse_press", points[0], False))
-    for p in points[1:]:
-        mouse_move_callbacks(layer, ev("mouse_move", p, True))
-    mouse_release_callbacks(layer, ev("mouse_release", points[-1], False))
 
 
 def test_every_stroke_reaches_the_store_and_undo_survives_reopening(make_napari_viewer, MouseEvent, store, slide):
