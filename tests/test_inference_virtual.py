@@ -17,6 +17,7 @@ from napari_hrseg.slide import Slide
 from napari_hrseg.virtual import virtual_slide
 
 from test_inference_support import one_torch_thread, single_thread, train_fpn  # noqa: F401
+from test_pipeline_support import miou
 from test_wholeslide import read_ome_zarr_labels
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -59,15 +60,6 @@ def model(vs, truth):
     grid = PixelGrid.for_mpp(vs.slide, MPP)
     with single_thread():
         return train_fpn(grid.read(vs.slide, grid.extent), truth, CLASSES, MPP, steps=40)
-
-
-def miou(pred: np.ndarray, truth: np.ndarray, n: int) -> float:
-    scores = []
-    for k in range(n):
-        union = ((pred == k) | (truth == k)).sum()
-        if union:
-            scores.append(((pred == k) & (truth == k)).sum() / union)
-    return float(np.mean(scores))
 
 
 def test_tissue_detection_matches_ground_truth(vs):
